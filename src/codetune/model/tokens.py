@@ -1,0 +1,217 @@
+"""The one tokenizer builder: loads or trains the tokenizer and owns its FIM sentinels.
+
+Data and model both get their tokenizer from :func:`build_tokenizer` (the CLI links the data module's
+tokenizer into the model), so the token ids the data side writes and the embedding size can never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FIMSentinels:
+    """The four strings that mark a fill-in-the-middle document."""
+
+    prefix: str
+    """Starts the prefix (Code Llama ``<PRE>``)."""
+    suffix: str
+    """Starts the suffix (Code Llama ``<SUF>``)."""
+    middle: str
+    """Starts the middle, the part the model learns to infill (Code Llama ``<MID>``)."""
+    end: str
+    """Ends the middle; generation of an infill stops here (Code Llama ``<EOT>``)."""
+    pad: str | None = None
+    """Optional FIM pad token (StarCoder ``<fim_pad>``); never required."""
+
+    def tokens(self) -> list[str]:
+        return [t for t in (self.prefix, self.suffix, self.middle, self.end, self.pad) if t is not None]
+
+
+SENTINEL_SETS: dict[str, FIMSentinels] = {
+    # Code Llama (Rozière et al. 2023): <EOT> ends the middle, distinct from </s>.
+    "codellama": FIMSentinels(prefix="<PRE>", suffix="<SUF>", middle="<MID>", end="<EOT>"),
+    # StarCoder / StarCoder2 / SantaCoder: the document end token doubles as end of middle.
+    "starcoder": FIMSentinels(
+        prefix="<fim_prefix>",
+        suffix="<fim_suffix>",
+        middle="<fim_middle>",
+        end="<|endoftext|>",
+        pad="<fim_pad>",
+    ),
+}
+
+
+def resolve_sentinels(sentinels: str | FIMSentinels) -> FIMSentinels:
+    """Turn a sentinel-set name (``codellama``, ``starcoder``) or a custom set into a :class:`FIMSentinels`."""
+    if isinstance(sentinels, FIMSentinels):
+        return sentinels
+    if isinstance(sentinels, dict):
+        return FIMSentinels(**sentinels)
+    try:
+        return SENTINEL_SETS[sentinels]
+    except KeyError:
+        raise ValueError(
+            f"unknown FIM sentinel set {sentinels!r}: use one of {sorted(SENTINEL_SETS)} "
+            "or give prefix/suffix/middle/end strings"
+        ) from None
+
+
+@dataclass
+class TrainTokenizer:
+    """Train a byte-level BPE tokenizer on a code corpus (no download), cached on disk."""
+
+    corpus: str = "@stdlib"
+    """Directory of code files to train on; ``@stdlib`` is the Python standard library sources."""
+    include: list[str] | None = None
+    """Glob patterns of files to train on (default: ``**/*.py``)."""
+    vocab_size: int = 4096
+    """Vocabulary size including special tokens; a multiple of 64 keeps the embedding matmul aligned."""
+    max_files: int | None = 400
+    """Train on at most this many files (deterministic subset) to keep training fast."""
+
+
+@dataclass
+class TokenizerSpec:
+    """Where the tokenizer comes from and which FIM sentinels it carries."""
+
+    name_or_path: str | None = None
+    """A Hugging Face tokenizer: local folder or Hub id. Leave empty to train one with ``train``."""
+    train: TrainTokenizer | None = None
+    """Train a byte-level BPE tokenizer instead of loading one."""
+    sentinels: str | FIMSentinels = "codellama"
+    """FIM sentinel set: ``codellama``, ``starcoder`` or custom strings."""
+    add_missing_sentinels: bool = True
+    """Add sentinels the tokenizer lacks as special tokens (the model then grows new embedding rows)."""
+    trust_remote_code: bool = False
+    """Allow tokenizer code from the checkpoint's repository to run. Off unless the recipe turns it on."""
+    cache_dir: str | None = None
+    """Where trained tokenizers are cached (default ``$CODETUNE_CACHE`` or ``~/.cache/codetune``)."""
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The folder codetune caches tokenizers and tokenized data in."""
+    root = cache_dir or os.environ.get("CODETUNE_CACHE") or "~/.cache/codetune"
+    return Path(root).expanduser()
+
+
+def build_tokenizer(spec: TokenizerSpec):
+    """Load or train the tokenizer described by ``spec`` and make sure it carries the FIM sentinels.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with ``eos_token`` and ``pad_token`` set.
+    """
+    sentinels = resolve_sentinels(spec.sentinels)
+    if (spec.name_or_path is None) == (spec.train is None):
+        raise ValueError(
+            "tokenizer: give exactly one of `name_or_path` (load) or `train` (train a BPE tokenizer)"
+        )
+    if spec.name_or_path is not None:
+        tokenizer = _load_pretrained(spec)
+    else:
+        tokenizer = _trained_tokenizer(spec.train, sentinels, cache_root(spec.cache_dir))
+    ensure_sentinels(tokenizer, sentinels, add=spec.add_missing_sentinels)
+    if tokenizer.pad_token is None:
+        # Packing pads only the final row; its labels are -100, so any id would do, but a distinct pad keeps
+        # decoded previews readable.
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> list[str]:
+    """Make every sentinel a single special token; return the ones that had to be added."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in sentinels.tokens() if t not in vocab]
+    if missing and not add:
+        raise ValueError(
+            f"tokenizer lacks FIM sentinels {missing}: set `tokenizer.add_missing_sentinels: true` "
+            "(the model grows trainable rows for them) or pick the sentinel set the model was trained with"
+        )
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    return missing
+
+
+def _load_pretrained(spec: TokenizerSpec):
+    from transformers import AutoTokenizer
+
+    path = Path(spec.name_or_path).expanduser()
+    if spec.name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise FileNotFoundError(f"tokenizer.name_or_path: {spec.name_or_path} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path) if path.exists() else spec.name_or_path, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.eos_token is None:
+        raise ValueError(
+            f"tokenizer {spec.name_or_path} has no eos_token: packing needs one to end documents"
+        )
+    return tokenizer
+
+
+def _trained_tokenizer(train: TrainTokenizer, sentinels: FIMSentinels, root: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    from codetune.data.sources import CodeFiles
+
+    source = CodeFiles(path=train.corpus, include=train.include or ["**/*.py"], max_files=train.max_files)
+    special = ["<|endoftext|>", "<pad>", *[t for t in sentinels.tokens() if t != "<|endoftext|>"]]
+    key = hashlib.sha256(
+        json.dumps(
+            {
+                "v": TOKENIZER_FORMAT_VERSION,
+                "train": asdict(train),
+                "special": special,
+                "root": str(Path(source.root).resolve()),
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    folder = root / "tokenizers" / key
+    if (folder / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Byte-level: every UTF-8 string round-trips, so FIM splits on characters always re-encode exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=train.vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((doc.text for doc in source.documents()), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=special[2:],
+    )
+    _save_atomically(tokenizer, folder)
+    log.info("trained a %d-token BPE tokenizer on %s, cached in %s", len(tokenizer), train.corpus, folder)
+    return tokenizer
+
+
+def _save_atomically(tokenizer, folder: Path) -> None:
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process cached it first; theirs is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tokenizer trained on the stdlib, tiny model configs, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Tokenizers and tokenized data are cached per test session, never in the user's cache."""
+    if "CODETUNE_CACHE" not in os.environ:
+        os.environ["CODETUNE_CACHE"] = str(tmp_path_factory.mktemp("codetune-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer_spec():
+    from codetune.model.tokens import TokenizerSpec, TrainTokenizer
+
+    return TokenizerSpec(train=TrainTokenizer(corpus="@stdlib", vocab_size=1024, max_files=60))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_spec, _isolated_cache):
+    """A byte-level BPE tokenizer trained on stdlib files, with Code Llama FIM sentinels."""
+    from codetune.model.tokens import build_tokenizer
+
+    return build_tokenizer(tokenizer_spec)
+
+
+@pytest.fixture
+def tiny_llama():
+    return dict(TINY_LLAMA)

@@ -1,0 +1,143 @@
+"""The `codetune` command end to end, recipe composition, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codetune.cli import CodetuneCLI, main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+# Small enough for seconds on 2 cores; the recipe's own model shape and data pipeline are kept.
+TINY = [
+    "--trainer.max_steps=12",
+    "--trainer.val_check_interval=6",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--data.init_args.seq_len=128",
+    "--data.init_args.batch_size=4",
+    '--data.init_args.sources=[{path: "@stdlib", name: stdlib, include: ["json/*.py", "email/*.py", "*.py"], max_files: 60}]',
+    "--data.init_args.tokenizer.train.max_files=60",
+    "--data.init_args.tokenizer.train.vocab_size=1024",
+]
+
+
+def _cli(*args: str) -> CodetuneCLI:
+    return CodetuneCLI(args=list(args), run=False)
+
+
+@pytest.mark.slow
+def test_fit_from_the_command_line_writes_a_checkpoint_and_lowers_the_loss(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    exe = shutil.which("codetune") or f"{sys.executable} -m codetune.cli"
+    cmd = [*exe.split(), "fit", "--config", str(QUICKSTART), *TINY, f"--trainer.default_root_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(train) >= 10 and len(val) >= 2
+    assert sum(train[-3:]) / 3 < sum(train[:3]) / 3
+    assert val[-1] < val[0]  # val[0] is the untrained model, validated before fitting
+    assert "val loss before" in proc.stderr and "val loss after" in proc.stderr
+    assert "tok/s" in proc.stdout + proc.stderr
+
+
+def test_recipe_data_composes_from_nested_yaml_and_from_command_line(tmp_path):
+    via_recipe = _cli("--config", str(QUICKSTART), *TINY)
+    via_flag = _cli(
+        "--config", str(QUICKSTART), "--data", str(REPO / "data_modules" / "stdlib.yaml"), *TINY[4:]
+    )
+    for cli in (via_recipe, via_flag):
+        assert type(cli.datamodule).__name__ == "CodeDataModule"
+        assert cli.datamodule.seq_len == 128
+    # the model receives the data module's own tokenizer object: ids and embeddings cannot disagree
+    assert via_recipe.model.tokenizer is via_recipe.datamodule.tokenizer
+
+
+def test_dotted_overrides_reach_trainer_and_model(tmp_path):
+    cli = _cli(
+        "--config",
+        str(QUICKSTART),
+        *TINY,
+        "--trainer.max_steps=3",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.init_args.optimizer.init_args.lr=0.01",
+    )
+    assert cli.trainer.max_steps == 3
+    assert cli.trainer.default_root_dir == str(tmp_path)
+    cli.model.configure_model()
+    optimizer = cli.model.optimizer_factory(cli.model.parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)  # the recipe's own value survives the override
+
+
+def test_print_config_shows_the_resolved_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICKSTART), "--print_config"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: codetune.modules.CausalLM" in out
+    assert "class_path: codetune.data.CodeDataModule" in out
+
+
+def test_missing_config_file_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "no/such/recipe.yaml"])
+    assert "no/such/recipe.yaml" in str(exit_.value) and "no such file" in str(exit_.value)
+
+
+def test_unknown_key_in_recipe_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("max_steps: 200", "max_stepz: 200"))
+    shutil.copytree(REPO / "data_modules", tmp_path.parent / "data_modules", dirs_exist_ok=True)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(bad)])
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def test_missing_corpus_path_fails_before_training(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                *TINY,
+                f'--data.init_args.sources=[{{path: "{tmp_path}/does-not-exist"}}]',
+            ]
+        )
+    message = str(exit_.value)
+    assert "does-not-exist does not exist" in message and "\n" not in message
+
+
+def test_corpus_without_usable_files_fails_before_training(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_bytes(b"\x00\x01binary")
+    (corpus / "b.py").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "--config",
+                str(QUICKSTART),
+                *TINY,
+                f'--data.init_args.sources=[{{path: "{corpus}"}}]',
+                f"--trainer.default_root_dir={tmp_path}",
+            ]
+        )
+    message = str(exit_.value)
+    assert "no usable files" in message and "binary=1" in message and "empty=1" in message
+    assert not (tmp_path / "lightning_logs" / "version_0" / "checkpoints").exists()
