@@ -1,0 +1,322 @@
+"""Fill-in-the-middle (FIM): split a document into prefix/middle/suffix and lay it out with sentinels.
+
+Follows Bavarian et al. 2022, "Efficient Training of Language Models to Fill in the Middle" (FIM) and
+Rozière et al. 2023, "Code Llama" §2.3: a character-level split at two uniform cut points, applied with
+probability ``fim_rate``; of the transformed documents a share ``spm_rate`` uses the suffix-prefix-middle
+layout, the rest prefix-suffix-middle::
+
+    PSM  <PRE> prefix <SUF> suffix <MID> middle <EOT>
+    SPM  <PRE> <SUF> suffix <MID> prefix middle <EOT>      (Bavarian et al. App. D, variant 2; Code Llama)
+
+(the spaces above only separate the parts; no space is inserted between a sentinel and the text).
+
+Every random choice is derived from a stable hash of ``(seed, source, per-source document ordinal[, chunk])``,
+so the same document gets the same split on every worker, rank, epoch order and resume. The same module
+formats inference prompts (:func:`format_infill_prompt`, :meth:`FIMTransform.encode_infill_prompt`) so
+evaluation sees exactly the layout training used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from codetune.model.tokens import FIMSentinels, resolve_sentinels
+
+FIMMode = Literal["psm", "spm"]
+
+# A character no BPE merge touches: prepended before encoding text that continues a line, then dropped,
+# so SentencePiece-style tokenizers do not add their dummy leading space (Code Llama's `encode_infilling`
+# prepends "☺" for the same reason).
+_CONTINUATION_MARK = "\ue000"
+_TWO_64 = 1 << 64
+
+
+@dataclass
+class FIMConfig:
+    """Fill-in-the-middle settings for a code source (Code Llama defaults)."""
+
+    fim_rate: float = 0.9
+    """Probability that a document (or, at context level, a fragment) is FIM-transformed."""
+    spm_rate: float = 0.5
+    """Share of FIM-transformed documents laid out suffix-prefix-middle (the rest prefix-suffix-middle)."""
+    sentinels: str | FIMSentinels = "codellama"
+    """Sentinel set: ``codellama`` (<PRE> <SUF> <MID> <EOT>), ``starcoder`` (<fim_prefix> ...), or custom strings."""
+    level: Literal["document", "context"] = "document"
+    """``document``: transform whole documents before packing; documents cut across rows stay causal (Code Llama).
+    ``context``: transform each document fragment after it is cut to fit a row (Bavarian et al. §3.2)."""
+    max_middle_chars: int | None = None
+    """Cap on the middle's length in characters; a longer drawn middle is clipped to a window placed uniformly
+    inside it (the rest goes to prefix and suffix). ``None``: no cap."""
+    seed: int = 0
+    """Seed of the per-document draws; change it to get different splits of the same corpus."""
+
+    def __post_init__(self) -> None:
+        for name in ("fim_rate", "spm_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"fim.{name} must be in [0, 1], got {value}")
+        if self.level not in ("document", "context"):
+            raise ValueError(f"fim.level must be 'document' or 'context', got {self.level!r}")
+        if self.max_middle_chars is not None and self.max_middle_chars < 1:
+            raise ValueError(f"fim.max_middle_chars must be >= 1 or null, got {self.max_middle_chars}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"fim.seed must be an integer, got {self.seed!r}")
+        resolve_sentinels(self.sentinels)  # fail on an unknown set name now, not at the first document
+
+
+@dataclass(frozen=True)
+class FIMSplit:
+    """A document cut into three parts, and the layout it is trained in."""
+
+    prefix: str
+    middle: str
+    suffix: str
+    mode: FIMMode
+
+    def original(self) -> str:
+        return self.prefix + self.middle + self.suffix
+
+
+@dataclass(frozen=True)
+class FIMDraw:
+    """The random choices for one document: whether and how to transform it, independent of its text."""
+
+    mode: FIMMode | None
+    """``None``: leave the document causal."""
+    cut_a: int
+    cut_b: int
+    window: int
+    """Uniform 64-bit integers; scaled to the text length in :meth:`split`."""
+
+    def split(self, text: str, max_middle_chars: int | None = None) -> FIMSplit:
+        """Cut ``text`` at two uniform points in ``[0, len(text)]`` (code points, so never inside a character)."""
+        if self.mode is None:
+            raise ValueError("this draw leaves the document causal; check draw.mode before splitting")
+        n = len(text)
+        # Integer scaling of a 64-bit uniform: exact, no float rounding at large n.
+        a, b = sorted(((self.cut_a * (n + 1)) >> 64, (self.cut_b * (n + 1)) >> 64))
+        if max_middle_chars is not None and b - a > max_middle_chars:
+            a += (self.window * (b - a - max_middle_chars + 1)) >> 64
+            b = a + max_middle_chars
+        return FIMSplit(prefix=text[:a], middle=text[a:b], suffix=text[b:], mode=self.mode)
+
+
+def draw(config: FIMConfig, source: str, ordinal: int, chunk: int | None = None) -> FIMDraw:
+    """The draw for document ``ordinal`` of ``source`` (and fragment ``chunk`` at context level).
+
+    blake2b of a canonical key, not Python's per-process salted ``hash``, so every process agrees.
+    """
+    key = json.dumps([config.seed, source, ordinal, chunk], separators=(",", ":")).encode()
+    digest = hashlib.blake2b(key, digest_size=40).digest()
+    u = [int.from_bytes(digest[i : i + 8], "little") for i in range(0, 40, 8)]
+    mode: FIMMode | None = None
+    if u[0] < config.fim_rate * _TWO_64:
+        mode = "spm" if u[1] < config.spm_rate * _TWO_64 else "psm"
+    return FIMDraw(mode=mode, cut_a=u[2], cut_b=u[3], window=u[4])
+
+
+def format_fim_text(split: FIMSplit, sentinels: str | FIMSentinels = "codellama") -> str:
+    """The training text of a split document (what the model reads, before tokenization)."""
+    s = resolve_sentinels(sentinels)
+    return format_infill_prompt(split.prefix, split.suffix, split.mode, s) + split.middle + s.end
+
+
+def format_infill_prompt(
+    prefix: str, suffix: str, mode: FIMMode = "psm", sentinels: str | FIMSentinels = "codellama"
+) -> str:
+    """The inference prompt for infilling between ``prefix`` and ``suffix``, laid out exactly as in training.
+
+    The model continues it with the middle and stops at the end sentinel.
+    """
+    s = resolve_sentinels(sentinels)
+    if mode == "psm":
+        return s.prefix + prefix + s.suffix + suffix + s.middle
+    if mode == "spm":  # SPM, Bavarian et al. App. D variant 2: the prefix follows <MID>
+        return s.prefix + s.suffix + suffix + s.middle + prefix
+    raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
+
+
+def unpermute_text(text: str, sentinels: str | FIMSentinels = "codellama") -> str:
+    """Recover the original document from its FIM training text (PSM or SPM).
+
+    Assumes the parts themselves contain no sentinel strings; :meth:`FIMTransform.unpermute_ids` has no
+    such limit because sentinels are distinct token ids there.
+    """
+    s = resolve_sentinels(sentinels)
+    if not (text.startswith(s.prefix) and text.endswith(s.end)):
+        raise ValueError(f"not a FIM text: it must start with {s.prefix!r} and end with {s.end!r}")
+    body = text[len(s.prefix) : len(text) - len(s.end)]
+    i = body.find(s.suffix)
+    j = body.find(s.middle, i + len(s.suffix)) if i >= 0 else -1
+    if j < 0:
+        raise ValueError(f"not a FIM text: missing {s.suffix!r} or {s.middle!r}")
+    # PSM: prefix | suffix | middle; SPM: (empty) | suffix | prefix+middle. Both give prefix+middle+suffix.
+    return body[:i] + body[j + len(s.middle) :] + body[i + len(s.suffix) : j]
+
+
+@dataclass
+class FIMEncoded:
+    """Token ids of one FIM document, with the infilling target marked."""
+
+    input_ids: list[int]
+    middle_mask: list[bool]
+    """True on the middle's tokens and the end sentinel: what the model generates at inference."""
+    mode: FIMMode
+
+
+class FIMTransform:
+    """Applies a :class:`FIMConfig` with a tokenizer whose FIM sentinels are single special tokens.
+
+    Text pieces are encoded with special-token matching off, so a literal ``<PRE>`` in source code stays
+    text and cannot forge a sentinel. For tokenizers that add a dummy leading space (SentencePiece /
+    Metaspace), the suffix and middle are encoded without it, as Code Llama does: they continue a line.
+    """
+
+    def __init__(self, config: FIMConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.sentinels = resolve_sentinels(config.sentinels)
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        # A private copy: switching special-token matching off must not change the caller's tokenizer.
+        self._tok = type(backend).from_str(backend.to_str())
+        self._tok.encode_special_tokens = True
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        ids = []
+        for name in ("prefix", "suffix", "middle", "end"):
+            token = getattr(self.sentinels, name)
+            token_id = backend.token_to_id(token)
+            if token_id is None or token not in added:
+                raise ValueError(
+                    f"tokenizer has no special token for FIM sentinel {token!r} ({name}); build it with "
+                    f"codetune.model.tokens.build_tokenizer, or call tokenizer.add_tokens({self.sentinels.tokens()}, "
+                    "special_tokens=True) and resize the model embeddings"
+                )
+            ids.append(token_id)
+        self.prefix_id, self.suffix_id, self.middle_id, self.end_id = ids
+        self.sentinel_ids = frozenset(ids)
+        # Documents get a BOS exactly when the tokenizer itself adds one, so FIM and plain documents agree.
+        bos = getattr(tokenizer, "bos_token_id", None)
+        with_special = backend.encode("a", add_special_tokens=True).ids
+        self.bos_id: int | None = bos if bos is not None and with_special[:1] == [bos] else None
+        # A dummy-prefix tokenizer (Metaspace, or a normaliser prepending "▁") encodes text at the start
+        # differently from the same text after other text.
+        self.adds_leading_space = self._marked_ids("a") != self._plain_ids("a")
+        marker = self._plain_ids("a")
+        self._decode_marker = (marker, self._tok.decode(marker, skip_special_tokens=False))
+
+    # -- encoding -------------------------------------------------------------------------------------------
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _continuation_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` as a continuation: no dummy leading space (Code Llama encodes suffix/middle so)."""
+        if not self.adds_leading_space or not text:
+            return self._plain_ids(text)
+        return self._marked_ids(text)
+
+    def _marked_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` encoded behind a marker character, with the marker's tokens dropped."""
+        enc = self._tok.encode(_CONTINUATION_MARK + text, add_special_tokens=False)
+        keep = [i for i, (start, _) in enumerate(enc.offsets) if start >= len(_CONTINUATION_MARK)]
+        if not keep or any(enc.offsets[i][1] > len(_CONTINUATION_MARK) for i in range(keep[0])):
+            raise ValueError(
+                "cannot encode a FIM piece without the tokenizer's dummy leading space: the marker "
+                f"{_CONTINUATION_MARK!r} merged with the text; this tokenizer needs a different marker"
+            )
+        return enc.ids[keep[0] :]
+
+    def encode_document(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Plain (causal) ids of a whole document with each token's character span; BOS as the tokenizer adds it.
+
+        The spans let the context-level packer cut documents only between characters.
+        """
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), list(enc.offsets)
+        if self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+            offsets.insert(0, (0, 0))
+        return ids, offsets
+
+    def encode_split(self, split: FIMSplit) -> FIMEncoded:
+        """Token ids of a split document: sentinel ids around the separately encoded parts."""
+        head = [] if self.bos_id is None else [self.bos_id]
+        prefix = self._plain_ids(split.prefix)
+        suffix = self._continuation_ids(split.suffix)
+        middle = self._continuation_ids(split.middle) + [self.end_id]
+        if split.mode == "psm":
+            context = [*head, self.prefix_id, *prefix, self.suffix_id, *suffix, self.middle_id]
+        else:  # SPM, Bavarian et al. App. D variant 2 (Code Llama): <PRE> <SUF> suffix <MID> prefix middle
+            context = [*head, self.prefix_id, self.suffix_id, *suffix, self.middle_id, *prefix]
+        return FIMEncoded(
+            input_ids=context + middle,
+            middle_mask=[False] * len(context) + [True] * len(middle),
+            mode=split.mode,
+        )
+
+    def draw(self, source: str, ordinal: int, chunk: int | None = None) -> FIMDraw:
+        return draw(self.config, source, ordinal, chunk)
+
+    def split(self, text: str, fim_draw: FIMDraw) -> FIMSplit:
+        return fim_draw.split(text, self.config.max_middle_chars)
+
+    def apply(self, text: str, source: str, ordinal: int, chunk: int | None = None) -> FIMEncoded | None:
+        """FIM-encode a document if its draw says so; ``None`` means: keep it causal."""
+        d = self.draw(source, ordinal, chunk)
+        return None if d.mode is None else self.encode_split(self.split(text, d))
+
+    def encode_infill_prompt(self, prefix: str, suffix: str, mode: FIMMode = "psm") -> list[int]:
+        """Token ids of an inference prompt, encoded exactly as :meth:`encode_split` encodes training data."""
+        if mode not in ("psm", "spm"):
+            raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
+        ids = self.encode_split(FIMSplit(prefix=prefix, middle="", suffix=suffix, mode=mode)).input_ids
+        return ids[:-1]  # drop the end sentinel: the model writes the middle and then the end sentinel
+
+    # -- decoding -------------------------------------------------------------------------------------------
+
+    def _decode(self, ids: Sequence[int], continuation: bool) -> str:
+        if not continuation or not self.adds_leading_space:
+            return self._tok.decode(list(ids), skip_special_tokens=False)
+        # Decoders strip the dummy space only at the very start: decode behind a known marker, then drop it.
+        marker_ids, marker_text = self._decode_marker
+        return self._tok.decode([*marker_ids, *ids], skip_special_tokens=False)[len(marker_text) :]
+
+    def decode_middle(self, ids: Sequence[int]) -> str:
+        """Text of a generated middle (ids after the prompt), cut at the end sentinel if present."""
+        ids = list(ids)
+        if self.end_id in ids:
+            ids = ids[: ids.index(self.end_id)]
+        return self._decode(ids, continuation=True)
+
+    def unpermute_ids(self, ids: Sequence[int], eos_id: int | None = None) -> str:
+        """Recover the original text from a FIM document's ids (a leading BOS and a trailing ``eos_id`` allowed).
+
+        Exact for tokenizers whose decode inverts encode (byte-level BPE); with a dummy-prefix tokenizer a
+        leading space of the prefix is lost, as in any SentencePiece round trip.
+        """
+        ids = list(ids)
+        if ids and self.bos_id is not None and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if eos_id is not None and eos_id != self.end_id and ids and ids[-1] == eos_id:
+            ids = ids[:-1]
+        if not ids or ids[0] != self.prefix_id or ids[-1] != self.end_id:
+            raise ValueError(
+                "not a FIM document: ids must start with the prefix sentinel and end with the end one"
+            )
+        try:
+            i = ids.index(self.suffix_id)
+            j = ids.index(self.middle_id, i + 1)
+        except ValueError:
+            raise ValueError("not a FIM document: missing the suffix or middle sentinel") from None
+        suffix = self._decode(ids[i + 1 : j], continuation=True)
+        if i == 1:  # SPM (or PSM with an empty prefix): prefix and middle follow <MID>
+            # Decoded as one plain piece: only its first token can carry a dummy space. (With a dummy-prefix
+            # tokenizer an empty prefix followed by a middle starting with a space is indistinguishable here.)
+            return self._decode(ids[j + 1 : -1], continuation=False) + suffix
+        prefix = self._decode(ids[1:i], continuation=False)
+        return prefix + self._decode(ids[j + 1 : -1], continuation=True) + suffix

@@ -1,0 +1,444 @@
+"""Pack documents into fixed-length rows so that nothing leaks between them, and resume exactly.
+
+Rows are filled greedily in stream order: several documents per row, a document that does not fit is cut
+and continues in the next row (never dropped, never reordered), so padding appears only when the stream
+ends. Leaks are closed by three rules:
+
+* ``position_ids`` restart at 0 for every document span; transformers turns that into a block-diagonal
+  attention mask (only when no KV cache is created: forward with ``use_cache=False``), so no token attends
+  across spans;
+* the first token of every span has label -100, so no document is trained to predict another's first token;
+* labels given by the caller (chat masking) are carried through unchanged.
+
+FIM (see :mod:`codetune.data.fim`) is applied here because whether a document is cut depends on where it
+lands. At ``document`` level a document is transformed only if it fits the row whole, as in Code Llama; at
+``context`` level each fragment that fits a row is transformed on its own (Bavarian et al. §3.2), fragments
+are cut between characters so their text round-trips, and whatever the sentinels push past the row end
+stays in the stream for the next row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from enum import IntEnum
+from typing import Any
+
+from codetune.data.fim import FIMDraw, FIMEncoded, FIMTransform
+
+IGNORE_INDEX = -100
+_STATE_FORMAT = 1
+_FIT_ATTEMPTS = 6
+
+
+class TokenKind(IntEnum):
+    """What a row position holds; ``token_kind[t]`` describes the target token ``t`` (labels are unshifted)."""
+
+    PAD = 0
+    PLAIN = 1
+    FIM_CONTEXT = 2
+    """A FIM document's sentinels, prefix, suffix and trailing end-of-text."""
+    FIM_MIDDLE = 3
+    """The infilling target: the middle and its end sentinel."""
+
+
+@dataclass
+class PackDocument:
+    """One document entering the packer."""
+
+    source: str
+    """Name of the source it came from; must be one of the packer's ``sources``."""
+    doc_id: str | int
+    """Identifier reported in the row's ``documents`` (path, dataset index, ...)."""
+    ordinal: int
+    """Position of the document within its source; with ``source`` it keys the FIM draw."""
+    input_ids: list[int] | None = None
+    """Causal token ids; ``None`` to let the packer's FIM tokenizer encode ``text``."""
+    labels: list[int] | None = None
+    """Per-token labels (-100 = no loss), e.g. from chat masking; ``None`` = train on every token.
+    Documents with labels are never FIM-transformed."""
+    text: str | None = None
+    """Source text; required for FIM. ``None``: the document is packed as given."""
+    offsets: list[tuple[int, int]] | None = None
+    """Character span of each input id in ``text`` (context-level FIM); computed when missing."""
+
+
+@dataclass
+class PackingStats:
+    """Running counts for previews and logs."""
+
+    rows: int = 0
+    real_tokens: int = 0
+    pad_tokens: int = 0
+    documents: int = 0
+    spans: int = 0
+    fim_psm: int = 0
+    fim_spm: int = 0
+    fim_left_causal: int = 0
+    """Draws that asked for FIM but were left causal because the document (fragment) did not fit a row."""
+
+    @property
+    def real_fraction(self) -> float:
+        total = self.real_tokens + self.pad_tokens
+        return self.real_tokens / total if total else 1.0
+
+
+@dataclass
+class _Cursor:
+    """The part of the current document not yet placed in a row."""
+
+    doc: PackDocument
+    ids: list[int]
+    """Causal ids, ending with end-of-text."""
+    labels: list[int] | None
+    """``None``: the labels are the ids."""
+    fim: bool
+    starts: list[int] | None = None
+    """Context level: character where token ``k`` starts; ``starts[len(ids) - 1] = len(text)`` (the eos)."""
+    clean: list[bool] | None = None
+    """Context level: ``clean[k]`` = a cut before token ``k`` falls between characters."""
+    pos: int = 0
+    chunk: int = 0
+
+
+class _Row:
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.input_ids: list[int] = []
+        self.labels: list[int] = []
+        self.position_ids: list[int] = []
+        self.token_kind: list[int] = []
+        self.source_index: list[int] = []
+        self.documents: list[dict[str, Any]] = []
+        self.closed = False
+
+    @property
+    def space(self) -> int:
+        return 0 if self.closed else self.seq_len - len(self.input_ids)
+
+    def add(
+        self,
+        ids: Sequence[int],
+        labels: Sequence[int],
+        kinds: Sequence[int],
+        source: int,
+        meta: dict[str, Any],
+    ) -> None:
+        start = len(self.input_ids)
+        self.input_ids.extend(ids)
+        self.labels.append(IGNORE_INDEX)  # no span is trained to predict its first token from another span
+        self.labels.extend(labels[1:])
+        self.position_ids.extend(range(len(ids)))
+        self.token_kind.extend(kinds)
+        self.source_index.extend([source] * len(ids))
+        self.documents.append({**meta, "start": start, "end": len(self.input_ids)})
+
+    def finish(self, pad_id: int) -> dict[str, Any]:
+        n = self.seq_len - len(self.input_ids)
+        # Padding is its own block (positions from 0) so it never joins the last document's attention.
+        return {
+            "input_ids": self.input_ids + [pad_id] * n,
+            "labels": self.labels + [IGNORE_INDEX] * n,
+            "position_ids": self.position_ids + list(range(n)),
+            "token_kind": self.token_kind + [int(TokenKind.PAD)] * n,
+            "source_index": self.source_index + [-1] * n,
+            "documents": self.documents,
+        }
+
+
+class Packer:
+    """Streams :class:`PackDocument` objects into rows of ``seq_len`` tokens; resumable via ``state_dict``.
+
+    Each row is a dict of equal-length lists ``input_ids``, ``labels``, ``position_ids``, ``token_kind``,
+    ``source_index`` (index into ``sources``, -1 for padding), plus ``documents``: one
+    ``{source, doc_id, chunk, start, end, fim}`` per span, ``[start, end)`` in the row.
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        eos_id: int,
+        pad_id: int,
+        sources: Sequence[str],
+        fim: FIMTransform | None = None,
+    ) -> None:
+        if seq_len < 8:
+            raise ValueError(f"packing seq_len must be at least 8 tokens, got {seq_len}")
+        if len(set(sources)) != len(sources) or not sources:
+            raise ValueError(f"packer sources must be distinct, non-empty names, got {list(sources)}")
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.sources = list(sources)
+        self._source_index = {name: i for i, name in enumerate(self.sources)}
+        self.fim = fim
+        self._fim_on = fim is not None and fim.config.fim_rate > 0
+        self._context_level = self._fim_on and fim.config.level == "context"
+        self._cursor: _Cursor | None = None
+        self._consumed = 0
+        self.stats = PackingStats()
+
+    # -- streaming ------------------------------------------------------------------------------------------
+
+    def pack(
+        self, documents: Iterable[PackDocument], *, skip_consumed: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Yield rows; the stream ends with one padded row holding whatever is left.
+
+        After :meth:`load_state_dict`, ``documents`` must continue after the documents already consumed;
+        for a stream that can only restart from its beginning pass ``skip_consumed=True``.
+        """
+        it = iter(documents)
+        if skip_consumed:
+            for skipped in range(self._consumed):
+                if next(it, None) is None:
+                    raise ValueError(
+                        f"cannot resume packing: the stream has {skipped} documents, the saved state consumed "
+                        f"{self._consumed}; resume with the same sources and mixing settings"
+                    )
+        row = _Row(self.seq_len)
+        while True:
+            if self._cursor is None:
+                doc = next(it, None)
+                if doc is None:
+                    break
+                self._consumed += 1
+                self.stats.documents += 1
+                self._cursor = self._start(doc)
+            if self._context_level and self._cursor.fim:
+                self._place_context_level(self._cursor, row)
+            else:
+                self._place_document_level(self._cursor, row)
+            if self._cursor.pos >= len(self._cursor.ids):
+                self._cursor = None
+            if row.space == 0:  # all state is updated before yielding, so state_dict() here is exact
+                yield self._emit(row)
+                row = _Row(self.seq_len)
+        if row.input_ids:
+            yield self._emit(row)
+
+    def _emit(self, row: _Row) -> dict[str, Any]:
+        self.stats.rows += 1
+        self.stats.real_tokens += len(row.input_ids)
+        self.stats.pad_tokens += self.seq_len - len(row.input_ids)
+        self.stats.spans += len(row.documents)
+        return row.finish(self.pad_id)
+
+    def _start(self, doc: PackDocument) -> _Cursor:
+        """Check a document and normalise it to causal ids ending in end-of-text."""
+        if doc.source not in self._source_index:
+            raise ValueError(
+                f"document {doc.doc_id!r} comes from source {doc.source!r}, which the packer does not know; "
+                f"its sources are {self.sources}"
+            )
+        fim = self._fim_on and doc.text is not None and doc.labels is None
+        ids, offsets = doc.input_ids, doc.offsets
+        if ids is None:
+            if doc.text is None:
+                raise ValueError(f"document {doc.doc_id!r} ({doc.source}) has neither input_ids nor text")
+            if self.fim is None:
+                raise ValueError(
+                    f"document {doc.doc_id!r} ({doc.source}) has text but no input_ids, and the packer has "
+                    "no FIM tokenizer to encode it; tokenize it first"
+                )
+            ids, offsets = self.fim.encode_document(doc.text)
+        ids = list(ids)
+        if doc.labels is not None and len(doc.labels) != len(ids):
+            raise ValueError(
+                f"document {doc.doc_id!r} ({doc.source}): {len(doc.labels)} labels for {len(ids)} input_ids"
+            )
+        labels = None if doc.labels is None else list(doc.labels)
+        if not ids or ids[-1] != self.eos_id:
+            ids.append(self.eos_id)
+            if labels is not None:  # end-of-text is trained only where the text before it is
+                labels.append(self.eos_id if labels and labels[-1] != IGNORE_INDEX else IGNORE_INDEX)
+        cursor = _Cursor(doc=doc, ids=ids, labels=labels, fim=fim)
+        if fim and self._context_level:
+            self._index_characters(cursor, offsets)
+        return cursor
+
+    def _index_characters(self, cur: _Cursor, offsets: Sequence[tuple[int, int]] | None) -> None:
+        """Map tokens to characters so context-level fragments are cut between characters."""
+        assert self.fim is not None and cur.doc.text is not None
+        n_text = len(cur.ids) - 1
+        if offsets is None:
+            ids, offsets = self.fim.encode_document(cur.doc.text)
+            if ids != cur.ids[:n_text]:
+                raise ValueError(
+                    f"document {cur.doc.doc_id!r} ({cur.doc.source}): input_ids differ from the FIM tokenizer's "
+                    "encoding of its text; pass offsets with them or leave input_ids empty"
+                )
+        if len(offsets) not in (n_text, n_text + 1):
+            raise ValueError(
+                f"document {cur.doc.doc_id!r} ({cur.doc.source}): {len(offsets)} offsets for {n_text} tokens"
+            )
+        end = len(cur.doc.text)
+        # Token k's text starts where token k-1's started if they share a character (a multi-byte character
+        # split over byte-level tokens); a cut there would split the character, so it is not clean.
+        starts = [0] + [offsets[k][0] for k in range(1, n_text)] + [end]
+        starts[n_text] = end
+        clean = [True] * (n_text + 1)
+        for k in range(1, n_text):
+            clean[k] = offsets[k - 1][1] <= offsets[k][0]
+        cur.starts, cur.clean = starts, clean
+
+    # -- placement ------------------------------------------------------------------------------------------
+
+    def _meta(self, cur: _Cursor, fim: str | None) -> dict[str, Any]:
+        return {"source": cur.doc.source, "doc_id": cur.doc.doc_id, "chunk": cur.chunk, "fim": fim}
+
+    def _add_causal(self, cur: _Cursor, end: int, row: _Row) -> None:
+        ids = cur.ids[cur.pos : end]
+        labels = ids if cur.labels is None else cur.labels[cur.pos : end]
+        row.add(
+            ids,
+            labels,
+            [int(TokenKind.PLAIN)] * len(ids),
+            self._source_index[cur.doc.source],
+            self._meta(cur, None),
+        )
+        cur.pos = end
+        cur.chunk += 1
+
+    def _add_fim(self, cur: _Cursor, enc: FIMEncoded, end: int, row: _Row) -> None:
+        middle, context = int(TokenKind.FIM_MIDDLE), int(TokenKind.FIM_CONTEXT)  # plain ints: rows go to JSON
+        kinds = [middle if m else context for m in enc.middle_mask]
+        row.add(
+            enc.input_ids, enc.input_ids, kinds, self._source_index[cur.doc.source], self._meta(cur, enc.mode)
+        )
+        if enc.mode == "psm":
+            self.stats.fim_psm += 1
+        else:
+            self.stats.fim_spm += 1
+        cur.pos = end
+        cur.chunk += 1
+
+    def _encode_fim(self, text: str, d: FIMDraw, final: bool) -> FIMEncoded:
+        assert self.fim is not None
+        enc = self.fim.encode_split(self.fim.split(text, d))
+        if final and enc.input_ids[-1] != self.eos_id:  # StarCoder's end sentinel is end-of-text already
+            enc.input_ids.append(self.eos_id)
+            enc.middle_mask.append(False)
+        return enc
+
+    def _place_document_level(self, cur: _Cursor, row: _Row) -> None:
+        """Place a whole document if it fits, FIM-transformed if drawn and the transformed one fits too."""
+        space = row.space
+        if cur.fim and cur.pos == 0 and len(cur.ids) <= space:
+            assert self.fim is not None and cur.doc.text is not None
+            d = self.fim.draw(cur.doc.source, cur.doc.ordinal)
+            if d.mode is not None:
+                enc = self._encode_fim(cur.doc.text, d, final=True)
+                if len(enc.input_ids) <= space:
+                    self._add_fim(cur, enc, len(cur.ids), row)
+                    return
+                self.stats.fim_left_causal += 1
+        elif cur.fim and cur.pos == 0 and self.fim.draw(cur.doc.source, cur.doc.ordinal).mode is not None:
+            self.stats.fim_left_causal += 1  # cut across rows: stays causal, as in Code Llama
+        self._add_causal(cur, min(len(cur.ids), cur.pos + space), row)
+
+    def _snap(self, cur: _Cursor, k: int) -> int:
+        """The last clean cut at or before token ``k`` (``cur.pos`` if there is none)."""
+        assert cur.clean is not None
+        while k > cur.pos and not cur.clean[k]:
+            k -= 1
+        return k
+
+    def _place_context_level(self, cur: _Cursor, row: _Row) -> None:
+        """Place the next fragment of a document: as much as fits, FIM-transformed if its draw says so."""
+        assert self.fim is not None and cur.starts is not None
+        space, n = row.space, len(cur.ids)
+        d = self.fim.draw(cur.doc.source, cur.doc.ordinal, cur.chunk)
+        if d.mode is not None:
+            placed = self._fit_fim_fragment(cur, d, space)
+            if placed is not None:
+                self._add_fim(cur, *placed, row)
+                if cur.pos < n:
+                    # Cut mid-document: the document goes on in the next row. The slot or two that
+                    # re-tokenization left free are padded rather than spent on a fragment too short to learn from.
+                    row.closed = True
+                return
+            self.stats.fim_left_causal += 1
+        end = n if n - cur.pos <= space else self._snap(cur, cur.pos + space)
+        if end <= cur.pos:  # no character boundary within the few free slots: pad them
+            row.closed = True
+            return
+        self._add_causal(cur, end, row)
+
+    def _fit_fim_fragment(self, cur: _Cursor, d: FIMDraw, space: int) -> tuple[FIMEncoded, int] | None:
+        """The longest fragment from ``cur.pos`` whose FIM encoding fits ``space``, and the token it ends at.
+
+        Re-tokenizing the parts changes the length by a few tokens, so the fragment is sized from the causal
+        length minus the sentinels, then shrunk by any overflow and grown into any slack. Text that does not
+        fit stays in the stream for the next fragment: the sentinels never push data out.
+        """
+        assert self.fim is not None and cur.starts is not None and cur.doc.text is not None
+        n_text = len(cur.ids) - 1
+        overhead = 4 + (self.fim.bos_id is not None) + 2  # sentinels, BOS, ~1 extra token per cut point
+        end = min(n_text, cur.pos + space - overhead)
+        best: tuple[FIMEncoded, int] | None = None
+        tried: set[int] = set()
+        for _ in range(_FIT_ATTEMPTS):
+            if end < n_text:
+                end = self._snap(cur, end)
+            if end <= cur.pos or end in tried or (best is not None and end <= best[1]):
+                break
+            tried.add(end)
+            final = end == n_text
+            fragment = cur.doc.text[cur.starts[cur.pos] : cur.starts[end]]
+            if not fragment:
+                break
+            enc = self._encode_fim(fragment, d, final)
+            slack = space - len(enc.input_ids)
+            if slack >= 0:
+                best = (enc, len(cur.ids) if final else end)
+                if slack == 0 or final:
+                    break
+                end = min(n_text, end + slack)
+            else:
+                end += slack
+        return best
+
+    # -- resume ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last yielded row: documents consumed and the unplaced rest of the current one."""
+        cursor = None
+        if self._cursor is not None:
+            cursor = {
+                "document": asdict(self._cursor.doc),
+                "pos": self._cursor.pos,
+                "chunk": self._cursor.chunk,
+            }
+        return {
+            "format": _STATE_FORMAT,
+            "seq_len": self.seq_len,
+            "sources": list(self.sources),
+            "documents_consumed": self._consumed,
+            "cursor": cursor,
+            "stats": asdict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"packer state format {state.get('format')!r} is not {_STATE_FORMAT}; cannot resume"
+            )
+        if state["seq_len"] != self.seq_len or state["sources"] != self.sources:
+            raise ValueError(
+                f"packer state was saved with seq_len={state['seq_len']} and sources={state['sources']}, "
+                f"not seq_len={self.seq_len} and sources={self.sources}; resume with the same data settings"
+            )
+        self._consumed = state["documents_consumed"]
+        self.stats = PackingStats(**state["stats"])
+        self._cursor = None
+        if state["cursor"] is not None:
+            doc = dict(state["cursor"]["document"])
+            if doc.get("offsets") is not None:
+                doc["offsets"] = [tuple(o) for o in doc["offsets"]]
+            self._cursor = self._start(PackDocument(**doc))
+            self._cursor.pos = state["cursor"]["pos"]
+            self._cursor.chunk = state["cursor"]["chunk"]
+
+
+__all__ = ["IGNORE_INDEX", "PackDocument", "Packer", "PackingStats", "TokenKind"]
