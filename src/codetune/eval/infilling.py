@@ -1,0 +1,375 @@
+"""HumanEval infilling: remove part of a canonical solution and ask the model to fill it back in.
+
+Three task kinds, derived deterministically from each canonical solution (as in InCoder/SantaCoder/Code
+Llama's infilling benchmarks): ``single-line`` removes one non-blank line, ``multi-line`` a block of at
+least two lines, ``random-span`` the characters between two uniform cut points. Prefix = task prompt +
+solution before the gap, suffix = the rest. Prompts come from the training FIM code
+(:class:`codetune.data.fim.FIMTransform`), generation stops at the end-of-middle sentinel, and each infill
+is scored by execution (pass@1 in the sandbox) and by exact match.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from codetune.eval.humaneval import load_problems
+from codetune.eval.results import write_results
+from codetune.eval.sandbox import Sandbox, SandboxLimits
+from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, resolve_sentinels
+
+log = logging.getLogger(__name__)
+
+InfillMode = Literal["single-line", "multi-line", "random-span"]
+MODES: tuple[str, ...] = ("single-line", "multi-line", "random-span")
+FORMATS: tuple[str, ...] = ("psm", "spm")
+MAX_BLOCK_LINES = 8  # multi-line blocks are 2..8 lines, the range of HumanEval function bodies
+
+
+@dataclass(frozen=True)
+class InfillTask:
+    """One infilling task: the model sees ``prefix`` and ``suffix`` and must produce ``middle``."""
+
+    task_id: str
+    """``HumanEval/<i>/<mode>/<j>``."""
+    problem_id: str
+    prefix: str
+    middle: str
+    suffix: str
+
+
+def derive_tasks(
+    problems: dict[str, dict[str, Any]], mode: str, seed: int = 0, per_problem: int = 1
+) -> list[InfillTask]:
+    """The infilling tasks of ``mode``: ``per_problem`` per HumanEval problem, the same for the same seed.
+
+    Each draw uses its own ``random.Random`` keyed by (seed, problem, mode, j), so tasks do not shift when
+    problems are added, skipped or limited.
+    """
+    _check_mode(mode)
+    if per_problem < 1:
+        raise ValueError(f"per_problem must be >= 1, got {per_problem}")
+    tasks = []
+    for problem_id, problem in problems.items():
+        solution = problem["canonical_solution"]
+        seen: set[tuple[int, int]] = set()
+        for j in range(per_problem):
+            rng = random.Random(f"{seed}/{problem_id}/{mode}/{j}")
+            span = _draw_span(solution, mode, rng, seen)
+            if span is None:
+                break  # fewer distinct gaps than asked for (e.g. a one-line solution)
+            seen.add(span)
+            a, b = span
+            tasks.append(
+                InfillTask(
+                    task_id=f"{problem_id}/{mode}/{j}",
+                    problem_id=problem_id,
+                    prefix=problem["prompt"] + solution[:a],
+                    middle=solution[a:b],
+                    suffix=solution[b:],
+                )
+            )
+    return tasks
+
+
+def _draw_span(
+    solution: str, mode: str, rng: random.Random, taken: set[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """Character span ``[a, b)`` of the gap, distinct from ``taken``; None when no new gap exists."""
+    lines = solution.splitlines(keepends=True)
+    starts = [sum(map(len, lines[:i])) for i in range(len(lines) + 1)]
+    if mode == "single-line":
+        candidates = [(starts[i], starts[i + 1]) for i, line in enumerate(lines) if line.strip()]
+    elif mode == "multi-line":
+        size = 2 if len(lines) >= 2 else 1
+        candidates = [
+            (starts[i], starts[j])
+            for i in range(len(lines))
+            for j in range(i + size, min(len(lines), i + MAX_BLOCK_LINES) + 1)
+            if "".join(lines[i:j]).strip()
+        ]
+    else:  # random-span: two uniform cut points, as in FIM training (Bavarian et al. 2022)
+        for _ in range(100):
+            a, b = sorted(rng.randint(0, len(solution)) for _ in range(2))
+            if solution[a:b].strip() and (a, b) not in taken:
+                return a, b
+        return None
+    candidates = [c for c in candidates if c not in taken]
+    return rng.choice(candidates) if candidates else None
+
+
+def build_program(problem: dict[str, Any], task: InfillTask, middle: str) -> str:
+    """The program an infill is judged by: the filled-in solution followed by the task's tests."""
+    return f"{task.prefix}{middle}{task.suffix}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+
+
+def exact_match(generated: str, expected: str) -> bool:
+    """Equal up to trailing whitespace (a trailing newline is a tokenization detail, not a different infill)."""
+    return generated.rstrip() == expected.rstrip()
+
+
+def score_infills(
+    problems: dict[str, dict[str, Any]], tasks: Sequence[InfillTask], middles: Sequence[str], sandbox: Sandbox
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Execution pass@1 and exact match of one generated middle per task; returns scores and per-task records."""
+    if len(middles) != len(tasks):
+        raise ValueError(f"got {len(middles)} infills for {len(tasks)} tasks")
+    if not tasks:
+        raise ValueError("no infilling tasks to score")
+    results = sandbox.run_many(
+        [build_program(problems[t.problem_id], t, m) for t, m in zip(tasks, middles, strict=True)]
+    )
+    records = [
+        {
+            "task_id": t.task_id,
+            "expected": t.middle,
+            "generated": m,
+            "exact_match": exact_match(m, t.middle),
+            "passed": r.passed,
+            "result": r.result,
+        }
+        for t, m, r in zip(tasks, middles, results, strict=True)
+    ]
+    scores = {
+        "pass@1": sum(r["passed"] for r in records) / len(records),
+        "exact_match": sum(r["exact_match"] for r in records) / len(records),
+    }
+    return scores, records
+
+
+# -- prompts: the seam to the training FIM code -----------------------------------------------------------
+
+
+def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None) -> FIMSentinels:
+    """The sentinel set to infill with; every one of its tokens must be a single token of ``tokenizer``.
+
+    ``None`` picks the one known set the tokenizer fully carries.
+    """
+    vocab = tokenizer.get_vocab()
+    if sentinels is None:
+        present = [name for name, s in SENTINEL_SETS.items() if all(t in vocab for t in s.tokens())]
+        if len(present) == 1:
+            return SENTINEL_SETS[present[0]]
+        if len(present) > 1:
+            raise ValueError(
+                f"tokenizer carries several FIM sentinel sets {present}: pick one with --sentinels"
+            )
+        sentinels = "codellama"
+    chosen = resolve_sentinels(sentinels)
+    missing = [t for t in (chosen.prefix, chosen.suffix, chosen.middle, chosen.end) if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"the tokenizer has no FIM sentinel tokens {missing} (set {sentinels!r}); infilling needs a model "
+            "fine-tuned with FIM (its tokenizer then carries them) or --sentinels naming the set it was trained with"
+        )
+    return chosen
+
+
+def build_infill_prompts(
+    tokenizer: Any, pieces: Sequence[tuple[str, str]], fim_format: str, sentinels: FIMSentinels
+) -> tuple[list[list[int]], Any]:
+    """Token ids of infilling prompts for (prefix, suffix) pairs, encoded by the training FIM code.
+
+    Returns the ids and the :class:`~codetune.data.fim.FIMTransform` (for the end sentinel and decoding).
+    """
+    from codetune.data.fim import FIMConfig, FIMTransform
+
+    _check_format(fim_format)
+    transform = FIMTransform(FIMConfig(sentinels=sentinels), tokenizer)
+    return [transform.encode_infill_prompt(p, s, fim_format) for p, s in pieces], transform
+
+
+def generate_infills(
+    model: Any,
+    tokenizer: Any,
+    pieces: Sequence[tuple[str, str]],
+    fim_format: str,
+    sentinels: FIMSentinels,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
+    """One generated middle per (prefix, suffix), stopping at the end-of-middle sentinel."""
+    from codetune.eval.generate import generate
+
+    prompts, transform = build_infill_prompts(tokenizer, pieces, fim_format, sentinels)
+    samples = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+        stop_token_ids=[transform.end_id], batch_size=batch_size, seed=seed,
+        decode=transform.decode_middle,
+    )  # fmt: skip
+    return [s[0].text for s in samples]
+
+
+def run_infilling(
+    model: Any,
+    tokenizer: Any,
+    problems: dict[str, dict[str, Any]],
+    mode: str = "single-line",
+    fim_format: str = "psm",
+    sentinels: str | FIMSentinels | None = None,
+    per_problem: int = 1,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    sandbox: Sandbox | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]], FIMSentinels]:
+    """Derive, generate and score infilling tasks with an in-memory model (also for in-training evals).
+
+    Returns the scores, one record per task and the sentinel set used.
+    """
+    _check_mode(mode)
+    _check_format(fim_format)
+    chosen = require_sentinels(tokenizer, sentinels)
+    tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
+    pieces = [(t.prefix, t.suffix) for t in tasks]
+    middles = generate_infills(
+        model, tokenizer, pieces, fim_format, chosen, max_new_tokens, batch_size, seed=seed
+    )
+    scores, records = score_infills(problems, tasks, middles, sandbox or Sandbox())
+    return scores, records, chosen
+
+
+# -- entry points -----------------------------------------------------------------------------------------
+
+
+def evaluate_infilling(
+    model: str,
+    mode: InfillMode = "single-line",
+    format: Literal["psm", "spm"] = "psm",
+    sentinels: str | None = None,
+    limit: int | None = None,
+    per_problem: int = 1,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    out_dir: str = "eval/infilling",
+    seed: int = 0,
+    timeout: float = 3.0,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
+
+    Args:
+        model: Exported Hugging Face model folder.
+        mode: ``single-line``, ``multi-line`` or ``random-span``.
+        format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
+        sentinels: FIM sentinel set (``codellama``, ``starcoder``); default: the one the tokenizer carries.
+        limit: Only the first ``limit`` HumanEval problems.
+        per_problem: Tasks per problem (distinct gaps).
+        max_new_tokens: Generation budget per infill.
+        batch_size: Prompts per generation batch.
+        out_dir: Where ``infilling_results.json`` and ``infilling_samples.jsonl`` are written.
+        seed: Seed of the task derivation.
+        timeout: Wall-clock seconds per program in the sandbox.
+        workers: Parallel sandbox processes (default: one per CPU core).
+    """
+    _check_mode(mode)
+    _check_format(format)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    problems = load_problems()
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
+    from codetune.eval.generate import load_for_inference
+
+    started = time.monotonic()
+    model_obj, tokenizer = load_for_inference(model)
+    scores, records, chosen = run_infilling(
+        model_obj,
+        tokenizer,
+        problems,
+        mode,
+        format,
+        sentinels,
+        per_problem,
+        max_new_tokens,
+        batch_size,
+        seed,
+        sandbox,
+    )
+    results = {
+        "benchmark": f"humaneval-infilling-{mode}",
+        "scores": scores,
+        "num_tasks": len(records),
+        "model": model,
+        "seed": seed,
+        "settings": {
+            "mode": mode,
+            "format": format,
+            "sentinels": asdict(chosen),
+            "limit": limit,
+            "per_problem": per_problem,
+            "max_new_tokens": max_new_tokens,
+            "timeout": timeout,
+        },
+        "sandbox": sandbox.report.as_dict(),
+        "seconds": time.monotonic() - started,
+    }
+    write_results(out_dir, "infilling", results, records)
+    log.info("infilling %s/%s: %s on %d tasks", mode, format, scores, len(records))
+    return results
+
+
+def infill(
+    model: str,
+    prefix: str,
+    suffix: str,
+    format: Literal["psm", "spm"] = "psm",
+    sentinels: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """Fill in the code between the contents of the ``prefix`` and ``suffix`` files; returns the middle.
+
+    Uses the same prompt layout and stopping as the infilling eval, for a quick look at a model.
+
+    Args:
+        model: Exported Hugging Face model folder.
+        prefix: File with the code before the gap.
+        suffix: File with the code after the gap.
+        format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
+        sentinels: FIM sentinel set (``codellama``, ``starcoder``); default: the one the tokenizer carries.
+        max_new_tokens: Generation budget for the middle.
+        temperature: Sampling temperature; 0 is greedy.
+        seed: Seed of the sampling.
+    """
+    _check_format(format)
+    texts = []
+    for name, path in (("prefix", prefix), ("suffix", suffix)):
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"--{name} {path}: no such file")
+        texts.append(file.read_text())
+    from codetune.eval.generate import load_for_inference
+
+    model_obj, tokenizer = load_for_inference(model)
+    chosen = require_sentinels(tokenizer, sentinels)
+    [middle] = generate_infills(
+        model_obj,
+        tokenizer,
+        [tuple(texts)],
+        format,
+        chosen,
+        max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    return middle
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+def _check_format(fim_format: str) -> None:
+    if fim_format not in FORMATS:
+        raise ValueError(f"unknown FIM format {fim_format!r}: use psm or spm")

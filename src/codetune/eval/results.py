@@ -1,0 +1,30 @@
+"""The two files every eval writes: a results JSON (scores, settings, model, seed, sandbox) and per-sample JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_results(
+    out_dir: str | Path, name: str, results: dict[str, Any], records: list[dict[str, Any]]
+) -> Path:
+    """Write ``{name}_results.json`` and ``{name}_samples.jsonl`` into ``out_dir``; returns the results path.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves half a results file.
+    """
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    samples = out / f"{name}_samples.jsonl"
+    tmp = samples.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, samples)
+    path = out / f"{name}_results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
