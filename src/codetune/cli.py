@@ -120,9 +120,26 @@ def print_summary(cli: CodetuneCLI) -> None:
     Console(stderr=True).print(table)
 
 
-def _function_commands() -> dict[str, Callable[..., Any]]:
-    """Non-recipe commands: name -> typed function (jsonargparse builds each parser from the signature)."""
-    return {}
+def _function_commands() -> dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]]:
+    """Non-recipe commands: name -> typed function, or a dict of them for sub-commands.
+
+    jsonargparse builds each parser from the function's signature and docstring, so ``--help`` and the
+    docs cannot drift from the code.
+    """
+    from codetune.eval.humaneval import evaluate_humaneval
+    from codetune.eval.infilling import evaluate_infilling, infill
+    from codetune.eval.perplexity import evaluate_perplexity
+    from codetune.eval.retrieval import evaluate_retrieval
+
+    return {
+        "eval": {
+            "humaneval": evaluate_humaneval,
+            "infilling": evaluate_infilling,
+            "retrieval": evaluate_retrieval,
+            "perplexity": evaluate_perplexity,
+        },
+        "infill": infill,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,7 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: codetune {fit,validate,test," + ",".join(commands) + "} [--config recipe.yaml] [...]")
         print("  fit|validate|test   run a recipe through Lightning (see `codetune fit --help`)")
         for name, fn in commands.items():
-            print(f"  {name:<19} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            if isinstance(fn, dict):
+                print(f"  {name:<19} {{{','.join(fn)}}} (see `codetune {name} --help`)")
+            else:
+                print(f"  {name:<19} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return
     command, rest = argv[0], argv[1:]
     if command not in (*RECIPE_COMMANDS, *commands):

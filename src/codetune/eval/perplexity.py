@@ -151,3 +151,57 @@ def _check_ids(model: torch.nn.Module, streams: list[torch.Tensor]) -> None:
                 f"stream {index} holds token ids outside the model's vocabulary [0, {vocab}): "
                 "was it tokenized with another tokenizer?"
             )
+
+
+def evaluate_perplexity(
+    model: str,
+    lengths: list[int] = [1024, 2048, 4096],  # noqa: B006 - jsonargparse reads the default from here
+    corpus: str = "@stdlib",
+    include: list[str] | None = None,
+    held_out_fraction: float = 0.02,
+    max_tokens: int | None = 200_000,
+    batch_tokens: int = 8192,
+    out_dir: str = "eval/perplexity",
+) -> dict:
+    """Perplexity of a model on held-out code at several context lengths.
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
+        lengths: Context lengths in tokens, e.g. ``[1024, 2048, 4096]``.
+        corpus: Folder of code files (``@stdlib``: the Python standard library).
+        include: Globs of files to read (default ``**/*.py``).
+        held_out_fraction: Score only files on the validation side of the split codetune's data module makes
+            with this fraction (the data module's ``curation.val_fraction``), so training files are not scored.
+        max_tokens: Score at most this many tokens of text.
+        batch_tokens: Tokens per forward pass.
+        out_dir: Where ``perplexity_results.json`` is written.
+    """
+    from codetune.data.curation import split_of
+    from codetune.data.sources import CodeFiles
+    from codetune.eval.generate import load_for_inference
+    from codetune.eval.results import write_results
+
+    lengths = _check_lengths(lengths)
+    source = CodeFiles(path=corpus, include=include or ["**/*.py"])
+    mdl, tokenizer = load_for_inference(model)
+    streams = []
+    for doc in source.documents():
+        if split_of(doc, held_out_fraction) == "validation":
+            streams.append(
+                tokenizer(doc.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            )
+    report = perplexity_by_length(mdl, streams, lengths, batch_tokens=batch_tokens, max_tokens=max_tokens)
+    results = {
+        "model": model,
+        "corpus": corpus,
+        "held_out_fraction": held_out_fraction,
+        "perplexity": {str(k): v for k, v in report.perplexity.items()},
+        "tokens": {str(k): v for k, v in report.tokens.items()},
+    }
+    path = write_results(out_dir, "perplexity", results, [])
+    for length in lengths:
+        print(
+            f"length {length:>6}: perplexity {report.perplexity[length]:.3f} over {report.tokens[length]:,} tokens"
+        )
+    print(f"results: {path}")
+    return results

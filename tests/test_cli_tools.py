@@ -1,0 +1,78 @@
+"""The non-recipe commands (`codetune eval ...`, `codetune infill`) parse their typed signatures and run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from codetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import TINY_LLAMA
+
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    cfg = dict(TINY_LLAMA)
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("fit", "eval", "infill", "humaneval", "perplexity"):
+        assert name in out
+
+
+def test_eval_perplexity_scores_held_out_code(hf_folder, tmp_path, capsys):
+    main(
+        [
+            "eval",
+            "perplexity",
+            "--model",
+            str(hf_folder),
+            "--lengths",
+            "[32, 64]",
+            "--max_tokens",
+            "3000",
+            "--held_out_fraction",
+            "0.2",
+            "--include",
+            '["json/*.py"]',
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
+    results = json.loads((tmp_path / "perplexity_results.json").read_text())
+    assert set(results["perplexity"]) == {"32", "64"}
+    # an untrained model is close to uniform over its vocabulary
+    assert all(100 < p < 10 * 1100 for p in results["perplexity"].values())
+
+
+def test_eval_humaneval_scores_given_completions(tmp_path):
+    from codetune.eval.humaneval import load_problems
+
+    problems = load_problems()
+    path = tmp_path / "completions.jsonl"
+    with open(path, "w") as f:
+        for task_id in list(problems)[:3]:
+            f.write(
+                json.dumps({"task_id": task_id, "completion": problems[task_id]["canonical_solution"]}) + "\n"
+            )
+    main(
+        ["eval", "humaneval", "--completions", str(path), "--limit", "3", "--out_dir", str(tmp_path / "out")]
+    )
+    results = json.loads((tmp_path / "out" / "humaneval_results.json").read_text())
+    assert results["scores"]["pass@1"] == 1.0
+
+
+def test_unknown_eval_task_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "mbpp"])
+    assert "mbpp" in capsys.readouterr().err
