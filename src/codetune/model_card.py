@@ -1,0 +1,540 @@
+"""The model card (README.md) an export carries: what the model is, how it was trained, how to prompt it.
+
+Everything in it is read from the checkpoint and the run directory (``config.yaml``, ``eval/*.json``); what
+was not recorded is said to be unknown rather than guessed. The recipe is included with secrets stripped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, resolve_sentinels
+
+log = logging.getLogger(__name__)
+
+REDACTED = "<redacted>"
+# Keys whose values are credentials. `token` alone is not a secret marker: `pad_token`, `eos_token`,
+# `trainable_token_indices`, `tokenizer` are ordinary settings.
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|api_?key|private_?key|credential|^token$|^hf_token$|auth_token|access_token"
+    r"|api_token|bearer|^authorization$)",
+    re.IGNORECASE,
+)
+# Credential-shaped strings wherever they appear: Hugging Face, OpenAI-style, GitHub, AWS, Slack.
+_SECRET_VALUE = re.compile(
+    r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,})"
+)
+STDLIB_PROVENANCE = (
+    f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources (CPython), "
+    "Python Software Foundation License 2.0"
+)
+
+
+@dataclass
+class CardFacts:
+    """What the card says, gathered before rendering so it can be tested without a model."""
+
+    title: str
+    model_type: str
+    num_parameters: int
+    """Parameters of the (merged) model; for an adapter-only export, of the base it applies to."""
+    vocab_size: int
+    """Rows of the embedding (the tokenizer's size padded to a multiple, when it grew)."""
+    tokenizer_size: int
+    export_dtype: str
+    adaptation: str
+    """How the weights were trained and exported, in one phrase."""
+    base_model: str | None = None
+    """``model.name_or_path`` (None: trained from a config, from scratch)."""
+    adapter_only: bool = False
+    adapter_parameters: int = 0
+    """Trained adapter parameters (LoRA/DoRA weights, new token rows); 0 for full fine-tuning."""
+    vocab_grew: bool = False
+    """Training added embedding rows to the base (the FIM sentinels were new to it)."""
+    max_position_embeddings: int | None = None
+    rope_parameters: dict[str, Any] | None = None
+    sentinels: FIMSentinels | None = None
+    fim: dict[str, Any] | None = None
+    """The recipe's FIM objective settings, when it has one."""
+    sources: list[dict[str, str]] = field(default_factory=list)
+    """Training data: ``name``, ``kind``, ``location``, ``provenance``."""
+    tokens_seen: int | None = None
+    decontamination: dict[str, Any] | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float | None = None
+    global_step: int | None = None
+    eval_results: list[dict[str, Any]] = field(default_factory=list)
+    recipe: dict[str, Any] | None = None
+    """The run's config.yaml, secrets stripped."""
+    license: str | None = None
+
+
+# ---- reading the run directory ------------------------------------------------------------------------
+
+
+def read_recipe(run_dir: Path | None) -> dict[str, Any] | None:
+    """The run's resolved recipe (``config.yaml`` that LightningCLI saved), or None when there is none."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        recipe = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        log.warning("%s/config.yaml is not valid YAML (%s); the card omits the recipe", run_dir, err)
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def strip_secrets(value: Any, extra: tuple[str, ...] = ()) -> Any:
+    """A copy of ``value`` with credentials replaced by ``<redacted>``: secret-named keys, token-shaped
+    strings, and any of the literal strings in ``extra`` (e.g. the Hub token in use)."""
+    if isinstance(value, dict):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", False)
+            else strip_secrets(v, extra)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [strip_secrets(v, extra) for v in value]
+    if isinstance(value, str):
+        return redact_text(value, extra)
+    return value
+
+
+def redact_text(text: str, extra: tuple[str, ...] = ()) -> str:
+    """``text`` with token-shaped strings and the literal secrets ``extra`` replaced by ``<redacted>``."""
+    for secret in extra:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+def read_eval_results(run_dir: Path | None) -> list[dict[str, Any]]:
+    """Eval result files of the run (``eval/**/*.json``, as ``codetune eval`` writes them), oldest first."""
+    if run_dir is None or not (run_dir / "eval").is_dir():
+        return []
+    results = []
+    for path in sorted((run_dir / "eval").rglob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            log.warning("skipping eval file %s: %s", path, err)
+            continue
+        if isinstance(data, dict):
+            results.append({"file": str(path.relative_to(run_dir)), **data})
+    return results
+
+
+def train_seconds(run_dir: Path | None, checkpoint: Path) -> float | None:
+    """Wall-clock estimate from run start (``config.yaml`` is written when fit starts) to the checkpoint."""
+    start = run_dir / "config.yaml" if run_dir is not None else None
+    if start is None or not start.is_file() or not checkpoint.exists():
+        return None
+    seconds = checkpoint.stat().st_mtime - start.stat().st_mtime
+    return seconds if seconds > 0 else None
+
+
+def data_sources(recipe: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The training sources named in the recipe's data section, with what is known of their licences."""
+    data = (recipe or {}).get("data")
+    found: list[dict[str, str]] = []
+    for kind, fields in _source_entries(data):
+        location = str(fields.get("path"))
+        found.append(
+            {
+                "name": str(fields.get("name") or kind),
+                "kind": kind,
+                "location": location,
+                "provenance": _provenance(kind, location, fields),
+            }
+        )
+    return found
+
+
+def _source_entries(node: Any, kind: str | None = None):
+    """(kind, fields) for every dict with a ``path`` in the data section; the tokenizer's corpus is not data."""
+    if isinstance(node, dict):
+        if "class_path" in node and isinstance(node.get("init_args"), dict):
+            yield from _source_entries(node["init_args"], str(node["class_path"]).rsplit(".", 1)[-1])
+            return
+        if isinstance(node.get("path"), str):
+            yield kind or "CodeFiles", node
+            return
+        for key, value in node.items():
+            if key != "tokenizer":
+                yield from _source_entries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _source_entries(item)
+
+
+def _provenance(kind: str, location: str, fields: dict[str, Any]) -> str:
+    if fields.get("license"):
+        return f"licence given in the recipe: {fields['license']}"
+    if location == "@stdlib":
+        return STDLIB_PROVENANCE
+    if kind == "HFDataset":
+        return f"Hugging Face dataset `{location}`; see https://huggingface.co/datasets/{location} for its licence"
+    return "local files; licence not recorded in the recipe"
+
+
+def find_key(node: Any, key: str) -> Any:
+    """The first value stored under ``key`` anywhere in a nested recipe (depth first), else None."""
+    if isinstance(node, dict):
+        if key in node:
+            return node[key]
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            value = find_key(item, key)
+            if value is not None:
+                return value
+    return None
+
+
+def fim_settings(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The FIM objective settings in the recipe's data section (a dict holding ``fim_rate``), if any."""
+
+    def search(node: Any) -> dict[str, Any] | None:
+        if isinstance(node, dict):
+            if "fim_rate" in node:
+                return node
+            node = list(node.values())
+        if isinstance(node, list):
+            for item in node:
+                if (hit := search(item)) is not None:
+                    return hit
+        return None
+
+    return search((recipe or {}).get("data"))
+
+
+def decontamination(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recipe's decontamination settings (codetune curation), or None when it records none."""
+    flag = find_key((recipe or {}).get("data"), "decontaminate")
+    if flag is None:
+        return None
+    data = recipe.get("data")
+    return {
+        "applied": bool(flag),
+        "sets": find_key(data, "decontamination_sets"),
+        "ngram": find_key(data, "decontamination_ngram"),
+    }
+
+
+def tokens_seen(recipe: dict[str, Any] | None, global_step: int | None) -> int | None:
+    """Token positions trained on: steps × batch × seq_len × accumulation × devices × nodes (padding included)."""
+    if not recipe or not global_step:
+        return None
+    trainer = recipe.get("trainer") or {}
+    factors = [
+        global_step,
+        find_key(recipe.get("data"), "batch_size"),
+        find_key(recipe.get("data"), "seq_len"),
+        trainer.get("accumulate_grad_batches") or 1,
+        trainer.get("devices"),
+        trainer.get("num_nodes") or 1,
+    ]
+    if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
+        return None
+    total = 1
+    for f in factors:
+        total *= f
+    return total
+
+
+def hardware(recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """The Trainer's device settings as recorded in the recipe (the exact GPU model is not recorded)."""
+    trainer = (recipe or {}).get("trainer") or {}
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    return {k: trainer[k] for k in keys if trainer.get(k) is not None}
+
+
+def detect_sentinels(tokenizer, recipe: dict[str, Any] | None = None) -> FIMSentinels | None:
+    """The FIM sentinel set the tokenizer carries (the recipe's choice first, else any known set)."""
+    vocab = tokenizer.get_vocab()
+    named = find_key(((recipe or {}).get("data") or {}), "sentinels")
+    candidates = []
+    if named is not None:
+        try:
+            candidates.append(resolve_sentinels(named))
+        except (ValueError, TypeError):
+            pass
+    candidates += list(SENTINEL_SETS.values())
+    for sentinels in candidates:
+        if all(t in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle, sentinels.end)):
+            return sentinels
+    return None
+
+
+# ---- rendering --------------------------------------------------------------------------------------------
+
+_EXAMPLE_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """'
+_EXAMPLE_SUFFIX = "\n    return result\n"
+
+
+def render_card(facts: CardFacts, secrets: tuple[str, ...] = ()) -> str:
+    """The README.md text: Hub metadata front matter, then the card. ``secrets`` are redacted wherever found."""
+    meta: dict[str, Any] = {
+        "library_name": "peft" if facts.adapter_only else "transformers",
+        "license": facts.license or "other",
+        "pipeline_tag": "text-generation",
+        "tags": ["codetune", "code"] + (["fill-in-the-middle"] if facts.sentinels else []),
+    }
+    if facts.base_model and _looks_like_hub_id(facts.base_model):
+        meta["base_model"] = facts.base_model
+    hf_datasets = [s["location"] for s in facts.sources if s["kind"] == "HFDataset"]
+    if hf_datasets:
+        meta["datasets"] = hf_datasets
+    parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
+    parts += [f"# {facts.title}", "", _summary(facts), ""]
+    parts += _model_section(facts)
+    parts += _usage_section(facts)
+    parts += _fim_section(facts)
+    parts += _data_section(facts)
+    parts += _training_section(facts)
+    parts += _eval_section(facts)
+    parts += _recipe_section(facts)
+    parts += [
+        "## Limitations",
+        "",
+        "Generated code can be wrong, insecure or copied from training data; review and test it before use. "
+        "The evaluation numbers above (if any) are the only measurements of this model's quality that codetune "
+        "recorded.",
+        "",
+    ]
+    return redact_text("\n".join(parts), secrets)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not Path(name).expanduser().exists()
+
+
+def _summary(facts: CardFacts) -> str:
+    base = (
+        f"`{facts.base_model}`" if facts.base_model else f"a freshly initialised `{facts.model_type}` config"
+    )
+    return f"A code language model trained with codetune from {base}: {facts.adaptation}."
+
+
+def _model_section(facts: CardFacts) -> list[str]:
+    rows = [
+        ("Base model", f"`{facts.base_model}`" if facts.base_model else "none (trained from a config)"),
+        ("Architecture", f"`{facts.model_type}`, {facts.num_parameters:,} parameters"),
+        *(
+            [("Adapter", f"{facts.adapter_parameters:,} trained parameters")]
+            if facts.adapter_parameters
+            else []
+        ),
+        ("Training", facts.adaptation),
+        (
+            "Exported weights",
+            "PEFT adapter only" if facts.adapter_only else f"{facts.export_dtype} safetensors",
+        ),
+        ("Vocabulary", f"{facts.tokenizer_size:,} tokens (embedding rows: {facts.vocab_size:,})"),
+    ]
+    if facts.max_position_embeddings:
+        rows.append(("Context length", f"{facts.max_position_embeddings:,} positions"))
+    if facts.rope_parameters:
+        rows.append(("RoPE", ", ".join(f"{k}={v}" for k, v in facts.rope_parameters.items())))
+    return ["## Model", "", *_table(("", ""), rows), ""]
+
+
+def _usage_section(facts: CardFacts) -> list[str]:
+    if facts.adapter_only:
+        base = facts.base_model or "BASE_MODEL"
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            *(
+                [f"base.resize_token_embeddings({facts.vocab_size})  # rows for the tokens this run added"]
+                if facts.vocab_grew
+                else []
+            ),
+            'model = PeftModel.from_pretrained(base, "THIS_FOLDER_OR_REPO")',
+        ]
+        note = "This folder holds the adapter only; it applies to the base model above." + (
+            " The run added tokens (FIM sentinels) to the base, so the embedding and output head are saved with "
+            "the adapter: resize the base's embeddings first, then load the adapter."
+            if facts.vocab_grew
+            else ""
+        )
+    else:
+        code = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER_OR_REPO")',
+            'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER_OR_REPO")',
+        ]
+        note = "Adapters (if any) are merged: this folder loads with plain `transformers`, no PEFT needed."
+    code += [
+        'inputs = tokenizer("def fibonacci(n):", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
+    ]
+    return ["## Usage", "", note, "", "```python", *code, "```", ""]
+
+
+def _fim_section(facts: CardFacts) -> list[str]:
+    from codetune.data.fim import format_infill_prompt
+
+    s = facts.sentinels
+    if s is None:
+        return [
+            "## Fill-in-the-middle",
+            "",
+            "The tokenizer carries no known FIM sentinels; use the model for left-to-right completion.",
+            "",
+        ]
+    if facts.fim:
+        trained = (
+            f"This run trained the FIM objective: rate {facts.fim.get('fim_rate')}, "
+            f"SPM share {facts.fim.get('spm_rate')}, {facts.fim.get('level', 'document')}-level split."
+        )
+    else:
+        trained = (
+            "The tokenizer carries the sentinels, but this run's recipe records no FIM objective: infilling works "
+            "only as well as the base model (or an earlier FIM stage) taught it."
+        )
+    psm = format_infill_prompt(_EXAMPLE_PREFIX, _EXAMPLE_SUFFIX, "psm", s)
+    spm = format_infill_prompt(_EXAMPLE_PREFIX, _EXAMPLE_SUFFIX, "spm", s)
+    rows = [("prefix", s.prefix), ("suffix", s.suffix), ("middle", s.middle), ("end of middle", s.end)]
+    if s.pad:
+        rows.append(("pad", s.pad))
+    return [
+        "## Fill-in-the-middle",
+        "",
+        trained,
+        "",
+        *_table(("sentinel", "token"), [(k, f"`{v}`") for k, v in rows]),
+        "",
+        "Prompt with the code before and after the gap; the model writes the middle and ends it with "
+        f"`{s.end}`{'' if facts.adapter_only else ' (a stop token in `generation_config.json`)'}. Sentinels are "
+        "single special tokens and no space is inserted next to them. PSM (prefix-suffix-middle) prompt:",
+        "",
+        "```text",
+        psm,
+        "```",
+        "",
+        "SPM (suffix-prefix-middle, Bavarian et al. 2022 App. D variant 2, as in Code Llama):",
+        "",
+        "```text",
+        spm,
+        "```",
+        "",
+        "```python",
+        f'prompt = "{s.prefix}" + prefix + "{s.suffix}" + suffix + "{s.middle}"',
+        "ids = tokenizer(prompt, return_tensors='pt', add_special_tokens=False)",
+        "out = model.generate(**ids, max_new_tokens=128)",
+        "middle = tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)",
+        "```",
+        "",
+    ]
+
+
+def _data_section(facts: CardFacts) -> list[str]:
+    lines = ["## Training data", ""]
+    if facts.sources:
+        lines += _table(
+            ("source", "kind", "location", "licence / provenance"),
+            [(s["name"], s["kind"], f"`{s['location']}`", s["provenance"]) for s in facts.sources],
+        )
+    else:
+        lines.append("Not recorded (no run `config.yaml` next to the checkpoint).")
+    lines.append("")
+    if facts.tokens_seen:
+        lines += [
+            f"Tokens trained on: about {facts.tokens_seen:,} token positions (steps × batch × sequence length × "
+            "accumulation × devices; padding included).",
+            "",
+        ]
+    d = facts.decontamination
+    if d is None:
+        lines.append("Decontamination: none recorded in the recipe.")
+    elif d["applied"]:
+        sets = ", ".join(d["sets"] or []) or "the configured benchmarks"
+        ngram = f"{d['ngram']}-gram" if d.get("ngram") else "n-gram"
+        lines.append(
+            f"Decontamination: documents sharing a {ngram} with {sets} were removed before training."
+        )
+    else:
+        lines.append("Decontamination: turned off in the recipe (`decontaminate: false`).")
+    return [*lines, ""]
+
+
+def _training_section(facts: CardFacts) -> list[str]:
+    rows = []
+    if facts.global_step is not None:
+        rows.append(("Optimizer steps", f"{facts.global_step:,}"))
+    if facts.hardware:
+        rows.append(("Hardware (recipe)", ", ".join(f"{k}={v}" for k, v in facts.hardware.items())))
+    if facts.train_seconds is not None:
+        rows.append(("Wall-clock time", f"about {_duration(facts.train_seconds)} (run start to checkpoint)"))
+    if not rows:
+        return ["## Training", "", "Not recorded.", ""]
+    return ["## Training", "", *_table(("", ""), rows), ""]
+
+
+def _eval_section(facts: CardFacts) -> list[str]:
+    if not facts.eval_results:
+        return [
+            "## Evaluation",
+            "",
+            "No evaluation results were found in the run directory (`eval/*.json`).",
+            "",
+        ]
+    rows = []
+    for result in facts.eval_results:
+        name = result.get("benchmark") or Path(result["file"]).stem
+        scores = result.get("scores") if isinstance(result.get("scores"), dict) else result
+        for metric, value in scores.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and metric != "seed":
+                detail = f"{result['num_tasks']} tasks" if "num_tasks" in result else ""
+                rows.append((str(name), str(metric), f"{value:.4g}", detail, f"`{result['file']}`"))
+    return ["## Evaluation", "", *_table(("benchmark", "metric", "value", "", "file"), rows), ""]
+
+
+def _recipe_section(facts: CardFacts) -> list[str]:
+    if facts.recipe is None:
+        return []
+    text = yaml.safe_dump(facts.recipe, sort_keys=False, default_flow_style=False).strip()
+    return [
+        "## Recipe",
+        "",
+        "The run's resolved configuration (`config.yaml`), credentials removed:",
+        "",
+        "```yaml",
+        text,
+        "```",
+        "",
+    ]
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    def cell(value: str) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows),
+    ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
