@@ -76,3 +76,28 @@ def test_unknown_eval_task_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "mbpp"])
     assert "mbpp" in capsys.readouterr().err
+
+
+def test_bare_boolean_flags_mean_true():
+    from codetune.cli import bare_flags_as_true
+    from codetune.export import export
+
+    args = ["--ckpt_path", "run", "--overwrite", "--out", "o", "--adapter_only"]
+    assert bare_flags_as_true(export, args) == [
+        "--ckpt_path",
+        "run",
+        "--overwrite",
+        "true",
+        "--out",
+        "o",
+        "--adapter_only",
+        "true",
+    ]
+    # an explicit value is kept
+    assert bare_flags_as_true(export, ["--overwrite", "false"]) == ["--overwrite", "false"]
+
+
+def test_export_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "out")])
+    assert "nope.ckpt" in str(exit_.value) and "\n" not in str(exit_.value)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codetune.eval.generate import generate, load_for_inference, truncate_at_stop
+from codetune.checkpoints import load_for_inference
+from codetune.eval.generate import generate, truncate_at_stop
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -160,9 +160,9 @@ def test_model_dir_without_weights_is_rejected(tmp_path, tiny_model_dir):
     folder = tmp_path / "no-weights"
     folder.mkdir()
     (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match=r"no-weights: no weights"):
+    with pytest.raises(FileNotFoundError, match=r"no-weights: config.json but no weights"):
         evaluate_humaneval(model=str(folder), out_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(FileNotFoundError, match="absent: no such checkpoint, run directory or model folder"):
         evaluate_humaneval(model=str(tmp_path / "absent"), out_dir=str(tmp_path))
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from codetune.checkpoints import load_for_inference
 from codetune.eval import infilling
 from codetune.eval.humaneval import load_problems
 from codetune.eval.infilling import (
@@ -194,7 +195,7 @@ def test_generation_stops_at_the_end_of_middle_sentinel(tokenizer, tiny_model_di
         return real(model, tok, prompts, **kwargs)
 
     monkeypatch.setattr(gen, "generate", spy)
-    model, tok = gen.load_for_inference(str(tiny_model_dir))
+    model, tok = load_for_inference(str(tiny_model_dir))
     tasks = derive_tasks(FIRST_40, "single-line")[:2]
     infilling.generate_infills(
         model, tok, [(t.prefix, t.suffix) for t in tasks], "psm", SENTINEL_SETS["codellama"], max_new_tokens=3

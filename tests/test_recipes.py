@@ -23,7 +23,7 @@ def tiny_model_override(recipe: Path) -> list[str]:
     if spec.get("config") is not None:
         return []
     family = dict(TINY_LLAMA, model_type=spec.get("tiny_family", "llama"))
-    return [f"--model.init_args.model.name_or_path=null", f"--model.init_args.model.config={family}"]
+    return ["--model.init_args.model.name_or_path=null", f"--model.init_args.model.config={family}"]
 
 
 def test_the_catalogue_is_not_empty():
@@ -34,8 +34,13 @@ def test_the_catalogue_is_not_empty():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_instantiates(recipe, tmp_path):
     cli = CodetuneCLI(
-        args=["--config", str(recipe), TINY_TOKENIZER, *tiny_model_override(recipe),
-              f"--trainer.default_root_dir={tmp_path}"],
+        args=[
+            "--config",
+            str(recipe),
+            TINY_TOKENIZER,
+            *tiny_model_override(recipe),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
         run=False,
     )
     cli.model.configure_model()
@@ -47,8 +52,14 @@ def test_recipe_instantiates(recipe, tmp_path):
 @pytest.mark.parametrize("data_module", DATA_MODULES, ids=lambda p: p.name)
 def test_data_module_composes_with_the_quickstart(data_module, tmp_path):
     cli = CodetuneCLI(
-        args=["--config", str(REPO / "recipes" / "quickstart.yaml"), "--data", str(data_module), TINY_TOKENIZER,
-              f"--trainer.default_root_dir={tmp_path}"],
+        args=[
+            "--config",
+            str(REPO / "recipes" / "quickstart.yaml"),
+            "--data",
+            str(data_module),
+            TINY_TOKENIZER,
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
         run=False,
     )
     assert cli.model.tokenizer is cli.datamodule.tokenizer

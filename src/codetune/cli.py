@@ -126,12 +126,15 @@ def _function_commands() -> dict[str, Callable[..., Any] | dict[str, Callable[..
     jsonargparse builds each parser from the function's signature and docstring, so ``--help`` and the
     docs cannot drift from the code.
     """
+    from codetune.data.preview import preview_command
     from codetune.eval.humaneval import evaluate_humaneval
     from codetune.eval.infilling import evaluate_infilling, infill
     from codetune.eval.perplexity import evaluate_perplexity
     from codetune.eval.retrieval import evaluate_retrieval
+    from codetune.export import export
 
     return {
+        "export": export,
         "eval": {
             "humaneval": evaluate_humaneval,
             "infilling": evaluate_infilling,
@@ -139,6 +142,7 @@ def _function_commands() -> dict[str, Callable[..., Any] | dict[str, Callable[..
             "perplexity": evaluate_perplexity,
         },
         "infill": infill,
+        "preview": preview_command,
     }
 
 
@@ -170,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from jsonargparse import CLI
 
+            if command == "preview":  # jsonargparse keeps `--config` for itself; here it names the recipe
+                rest = [
+                    "--recipe" + a[len("--config") :] if a.split("=")[0] == "--config" else a for a in rest
+                ]
             CLI(commands[command], args=rest, as_positional=False)
     except (ValueError, OSError) as err:
         # Bad input (a recipe value, a path, a data file) is reported in one line; the traceback helps only
@@ -179,6 +187,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"codetune {command}: error: {root_cause(err)} (CODETUNE_DEBUG=1 shows the traceback)"
         ) from None
+
+
+def bare_flags_as_true(fn: Callable[..., Any], args: list[str]) -> list[str]:
+    """Let ``--overwrite`` stand for ``--overwrite true`` for the boolean parameters of ``fn``."""
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if arg in flags and (nxt is None or nxt.startswith("--")):
+            out.append("true")
+    return out
 
 
 def root_cause(err: BaseException) -> str:

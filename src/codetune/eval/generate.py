@@ -1,7 +1,7 @@
 """Batched generation with a Hugging Face causal LM, for every eval: left padding, stop strings, seeded sampling.
 
-Model loading goes through :func:`load_for_inference` alone, so the accepted ``--model`` forms (exported HF
-folder today; training checkpoints and run directories later) change in one place.
+Models are loaded by :func:`codetune.checkpoints.load_for_inference` alone (exported folder, training
+checkpoint or run directory), so the accepted ``--model`` forms change in one place.
 """
 
 from __future__ import annotations
@@ -9,19 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
-
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 @dataclass(frozen=True)
@@ -34,33 +26,6 @@ class Sample:
     """Tokens generated, the stop token included (what the compute was spent on)."""
     finish: str
     """``stop`` (a stop string or stop token ended it) or ``length`` (``max_new_tokens`` reached)."""
-
-
-def load_for_inference(path: str) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` for evaluation from an exported Hugging Face folder, in eval mode.
-
-    Never runs code from the folder (``trust_remote_code=False``).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"--model {path}: no such folder (give an exported Hugging Face model folder)"
-        )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {path}: no config.json; export a checkpoint with `codetune export` first"
-        )
-    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(
-            f"--model {path}: no weights (expected one of {', '.join(WEIGHT_FILES)}); "
-            "export a checkpoint with `codetune export` first"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
-    model.eval()
-    return model, tokenizer
 
 
 def truncate_at_stop(text: str, stops: Sequence[str], context: str = "") -> tuple[str, bool]:

@@ -225,7 +225,8 @@ def _generate_completions(
     chat: bool,
     seed: int,
 ) -> dict[str, list[str]]:
-    from codetune.eval.generate import generate, load_for_inference
+    from codetune.checkpoints import load_for_inference
+    from codetune.eval.generate import generate
 
     model, tokenizer = load_for_inference(model_path)
     tasks = list(problems)

@@ -277,7 +277,7 @@ def evaluate_infilling(
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
     sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
-    from codetune.eval.generate import load_for_inference
+    from codetune.checkpoints import load_for_inference
 
     started = time.monotonic()
     model_obj, tokenizer = load_for_inference(model)
@@ -348,7 +348,7 @@ def infill(
         if not file.is_file():
             raise FileNotFoundError(f"--{name} {path}: no such file")
         texts.append(file.read_text())
-    from codetune.eval.generate import load_for_inference
+    from codetune.checkpoints import load_for_inference
 
     model_obj, tokenizer = load_for_inference(model)
     chosen = require_sentinels(tokenizer, sentinels)

@@ -176,9 +176,9 @@ def evaluate_perplexity(
         batch_tokens: Tokens per forward pass.
         out_dir: Where ``perplexity_results.json`` is written.
     """
+    from codetune.checkpoints import load_for_inference
     from codetune.data.curation import split_of
     from codetune.data.sources import CodeFiles
-    from codetune.eval.generate import load_for_inference
     from codetune.eval.results import write_results
 
     lengths = _check_lengths(lengths)

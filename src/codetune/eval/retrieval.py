@@ -231,7 +231,7 @@ def evaluate_retrieval(
         raise ValueError(f"--positions must lie in [0, 1], got {list(positions)}")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
-    from codetune.eval.generate import load_for_inference
+    from codetune.checkpoints import load_for_inference
 
     texts = load_corpus(corpus)
     model_obj, tokenizer = load_for_inference(model)
