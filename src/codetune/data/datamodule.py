@@ -1,154 +1,471 @@
-"""The LightningDataModule recipes configure: sources -> curation -> tokenize -> objective -> pack -> batches."""
+"""The LightningDataModule recipes configure: sources -> curation -> tokenize -> objective -> mix -> pack -> batches.
+
+Map-style (default): every source is read and curated together once, tokenized with ``datasets.map`` and packed,
+and both results are cached (:mod:`codetune.data.corpus`, :mod:`codetune.data.rows`); epochs reshuffle the rows.
+Streaming (``streaming: true``): nothing is materialised; each rank and loader worker reads its own share of
+the documents and packs it on the fly (:mod:`codetune.data.loader`). Either way the train loader's position is
+saved in checkpoints and a resumed run continues with exactly the batches an uninterrupted one would have seen.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from codetune.data.sources import CodeFiles
-from codetune.model.tokens import TokenizerSpec, build_tokenizer
+from codetune.data.chat import ChatFiles, resolve_template
+from codetune.data.corpus import (
+    DocumentEncoder,
+    Objective,
+    TokenizedCorpus,
+    corpus_key,
+    default_objective,
+    stream_documents,
+    tokenizer_fingerprint,
+)
+from codetune.data.curation import CurationConfig, Curator
+from codetune.data.fim import FIMConfig, FIMTransform
+from codetune.data.loader import (
+    POSITION_KEY,
+    TENSOR_KEYS,
+    PackedBatches,
+    ResumableLoader,
+    StreamingBatches,
+    collate,
+)
+from codetune.data.mixing import MixConfig, check_weights
+from codetune.data.rows import RowBuilder, RowStore, RowSummary
+from codetune.data.sources import CodeFiles, HFDataset, JsonlFiles, ParquetFiles, _resolve_files
+from codetune.model.tokens import TokenizerSpec, build_tokenizer, cache_root, resolve_sentinels
 
 log = logging.getLogger(__name__)
 
-# Row keys that become tensors; `documents` stays metadata for preview and metrics.
-TENSOR_KEYS = ("input_ids", "labels", "position_ids", "token_kind", "source_index")
+__all__ = ["TENSOR_KEYS", "CodeDataModule", "Split", "collate"]
+
+_OBJECTIVES = ("fim", "causal", "chat")
+_LOCAL_SUFFIXES = {
+    JsonlFiles: (".jsonl", ".jsonl.gz"),
+    ChatFiles: (".jsonl", ".jsonl.gz"),
+    ParquetFiles: (".parquet",),
+}
 
 
 @dataclass
 class Split:
-    """Which documents are held out for validation."""
+    """Which documents are held out for validation (decided after dedup, see ``codetune.data.curation``)."""
 
     val_fraction: float = 0.02
-    """Fraction of documents (by stable hash of their id) held out; the same files on every run and machine."""
+    """Fraction of documents (by stable hash of source and id) held out; the same files on every run and machine."""
     max_val_rows: int | None = 64
     """Cap on validation rows, to keep evaluation quick."""
+    seed: int = 0
+    """Salt of the split hash; changing it draws a different held-out set."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.split.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_val_rows is not None and self.max_val_rows < 0:
+            raise ValueError(f"data.split.max_val_rows must be >= 0 or null, got {self.max_val_rows}")
+
+
+class _Rows(Dataset):
+    """Map-style view of stored rows (validation)."""
+
+    def __init__(self, rows: RowStore | list[dict[str, Any]], limit: int | None) -> None:
+        self.rows = rows
+        self.n = len(rows) if limit is None else min(limit, len(rows))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i >= self.n:
+            raise IndexError(i)
+        return self.rows.row(i) if isinstance(self.rows, RowStore) else self.rows[i]
+
+
+class _StreamRows:
+    """Endless rows of one streaming shard: passes over the sources, packed and mixed (picklable for workers)."""
+
+    def __init__(self, module: CodeDataModule) -> None:
+        self.sources = module.sources
+        self.curation = module.curation
+        self.encoder = module.encoder
+        self.builder_args = module._builder_args(module.mix.weights or {module.source_names[0]: 1.0})
+        self.stop, self.num_tokens = module.mix.stop, module.mix.num_tokens
+
+    def __call__(self, shard: int, num_shards: int):
+        curator = Curator(self.curation)
+        by_name = {s.name: s for s in self.sources}
+        passes: dict[str, int] = {}
+
+        def open_documents(name: str, _: int):
+            repeat = passes.get(name, 0)
+            passes[name] = repeat + 1
+            return stream_documents(by_name[name], curator, self.encoder, "train", shard, num_shards, repeat)
+
+        while True:
+            builder = RowBuilder(**self.builder_args, stop=self.stop, num_tokens=self.num_tokens)
+            produced = 0
+            for row in builder.rows(open_documents):
+                produced += 1
+                yield row
+            if produced == 0:
+                raise ValueError(
+                    f"streaming shard {shard} of {num_shards} got no rows: a source has fewer training documents "
+                    "than ranks x loader workers; use fewer workers or map-style data"
+                )
 
 
 class CodeDataModule(L.LightningDataModule):
-    """Packed fixed-length rows of code for causal LM training."""
+    """Packed fixed-length rows for causal LM, FIM and instruction training, mixed from several sources."""
 
     def __init__(
         self,
         tokenizer: TokenizerSpec,
-        sources: list[CodeFiles],
+        sources: list[CodeFiles | JsonlFiles | ParquetFiles | HFDataset | ChatFiles],
         seq_len: int = 512,
         batch_size: int = 8,
+        fim: FIMConfig | None = FIMConfig(),  # noqa: B008 (immutable in practice; jsonargparse shows it as the default)
+        objectives: dict[str, Literal["fim", "causal", "chat"]] | None = None,
+        mix: MixConfig | None = None,
+        curation: CurationConfig | None = None,
         split: Split | None = None,
+        chat_template: str = "codetune",
+        streaming: bool = False,
+        shuffle: bool = True,
         num_workers: int = 0,
+        num_proc: int | None = None,
         seed: int = 0,
     ) -> None:
         """
         Args:
             tokenizer: The one tokenizer of the run; the model gets it from here.
-            sources: Where documents come from.
+            sources: Where documents come from: code trees (plain entries), or ``class_path`` entries for
+                ``codetune.data.sources.JsonlFiles`` / ``ParquetFiles`` / ``HFDataset`` and
+                ``codetune.data.chat.ChatFiles`` (conversations). Names must be distinct.
             seq_len: Tokens per packed row.
             batch_size: Rows per batch on each device.
-            split: Validation hold-out.
+            fim: Fill-in-the-middle for ``fim`` sources (Code Llama defaults); null turns FIM off. Its sentinels
+                are the tokenizer's (``tokenizer.sentinels``).
+            objectives: Per source name: ``fim``, ``causal`` or ``chat``. Unnamed sources: ``chat`` for
+                ChatFiles, ``fim`` for code trees when ``fim`` is set, else ``causal``.
+            mix: Token shares of the sources (weights must sum to 1). Null: each source once, in proportion.
+            curation: Dedup, decontamination and redaction (its ``val_fraction`` is set by ``split``).
+            split: Validation hold-out, made after dedup so no copy crosses it.
+            chat_template: ``codetune`` or ``chatml`` (shipped), ``tokenizer`` (the tokenizer's own), or Jinja.
+            streaming: Read, tokenize and pack on the fly, for corpora larger than memory or disk cache. The
+                stream repeats without end: stop training with ``trainer.max_steps``.
+            shuffle: Reshuffle the packed rows every epoch (map-style only).
             num_workers: DataLoader worker processes.
-            seed: Seed for shuffling and for objective transforms.
+            num_proc: Processes for tokenization (``datasets.map``); null: one (tokenizers uses threads).
+            seed: Seed of the row shuffle.
         """
         super().__init__()
-        if seq_len < 8:
-            raise ValueError(f"data.seq_len must be at least 8, got {seq_len}")
+        names = [getattr(s, "name", None) for s in sources or []]
+        self._validate(
+            sources, names, seq_len, batch_size, fim, objectives, mix, streaming, num_workers, curation
+        )
+        if fim is not None:  # one set of sentinels per run, owned by the tokenizer spec
+            chosen, own = resolve_sentinels(fim.sentinels), resolve_sentinels(tokenizer.sentinels)
+            if chosen != own and fim.sentinels != FIMConfig.sentinels:
+                raise ValueError(
+                    f"data.fim.sentinels ({fim.sentinels!r}) differ from data.tokenizer.sentinels "
+                    f"({tokenizer.sentinels!r}); set them on the tokenizer only"
+                )
+            fim = replace(fim, sentinels=tokenizer.sentinels)
+        self.tokenizer_spec = tokenizer
+        self.sources = list(sources)
+        self.source_names: list[str] = names
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.fim = fim
+        self.objectives: dict[str, Objective] = {
+            s.name: (objectives or {}).get(s.name) or default_objective(s, fim is not None) for s in sources
+        }
+        self.mix = mix or MixConfig()
+        self.split = split or Split()
+        self.curation = replace(
+            curation or CurationConfig(), val_fraction=self.split.val_fraction, split_seed=self.split.seed
+        )
+        self.chat_template = chat_template
+        self.max_val_rows = self.split.max_val_rows
+        self.streaming = streaming
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.num_proc = num_proc
+        self.seed = seed
+        self.tokenizer = build_tokenizer(tokenizer)
+        if "chat" in self.objectives.values():
+            resolve_template(
+                chat_template, self.tokenizer
+            )  # an unknown name fails now, not after reading data
+        self.fim_transform = FIMTransform(fim, self.tokenizer) if fim is not None else None
+        self.encoder = DocumentEncoder(
+            self.tokenizer,
+            self.objectives,
+            offsets=fim is not None and fim.level == "context",
+            chat_template=chat_template,
+        )
+        self.corpus: TokenizedCorpus | None = None
+        self.train_rows: RowStore | None = None
+        self.val_rows: RowStore | list[dict[str, Any]] | None = None
+        self._train_batches: PackedBatches | StreamingBatches | None = None
+        self._train_loader: ResumableLoader | None = None
+
+    # -- checks ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(
+        sources, names, seq_len, batch_size, fim, objectives, mix, streaming, num_workers, curation
+    ) -> None:
+        """One-line errors for a bad recipe, before any tokenizer is trained or file read."""
+        if seq_len < 16:
+            raise ValueError(f"data.seq_len must be at least 16, got {seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if not sources:
             raise ValueError(
                 "data.sources is empty: give at least one source (e.g. CodeFiles with path: '@stdlib')"
             )
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources: names must be distinct, got {names}; set `name:` on each source")
         for source in sources:
-            if not source.root.is_dir():
-                raise FileNotFoundError(f"data.sources[{source.name}]: path {source.path} does not exist")
-        self.tokenizer_spec = tokenizer
-        self.sources = sources
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.split = split or Split()
-        self.num_workers = num_workers
-        self.seed = seed
-        self.tokenizer = build_tokenizer(tokenizer)
-        self.train_rows: list[dict] | None = None
-        self.val_rows: list[dict] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_rows is not None:
-            return
-        train_docs, val_docs = [], []
-        for source in self.sources:
-            n = 0
-            for doc in source.documents():
-                n += 1
-                (val_docs if _held_out(doc.doc_id, self.split.val_fraction) else train_docs).append(doc)
-            if n == 0:
-                raise ValueError(f"data.sources[{source.name}]: no usable files ({source.skipped.summary()})")
-            log.info("source %s: %d documents; skipped: %s", source.name, n, source.skipped.summary())
-        self.train_rows = self._rows(train_docs)
-        self.val_rows = self._rows(val_docs)[: self.split.max_val_rows]
-        if not self.train_rows:
+            where = f"data.sources[{source.name}]"
+            if isinstance(source, CodeFiles):
+                if not source.root.is_dir():
+                    what = "does not exist" if not source.root.exists() else "is not a directory"
+                    raise FileNotFoundError(f"{where}: path {source.path} {what}")
+            elif type(source) in _LOCAL_SUFFIXES:
+                _resolve_files(source.path, _LOCAL_SUFFIXES[type(source)], where)
+        for name, objective in (objectives or {}).items():
+            if name not in names:
+                raise ValueError(f"data.objectives names unknown source {name!r}; the sources are {names}")
+            if objective not in _OBJECTIVES:
+                raise ValueError(f"data.objectives[{name}] must be one of {_OBJECTIVES}, got {objective!r}")
+        for source in sources:
+            chosen = (objectives or {}).get(source.name)
+            if isinstance(source, ChatFiles) and chosen not in (None, "chat"):
+                raise ValueError(
+                    f"data.objectives[{source.name}]: conversations (ChatFiles) can only be 'chat'"
+                )
+            if not isinstance(source, ChatFiles) and chosen == "chat":
+                raise ValueError(
+                    f"data.objectives[{source.name}]: 'chat' needs conversations; read the file with "
+                    "codetune.data.chat.ChatFiles"
+                )
+            if chosen == "fim" and fim is None:
+                raise ValueError(
+                    f"data.objectives[{source.name}] is 'fim' but data.fim is null; set data.fim"
+                )
+        if curation is not None and (
+            curation.val_fraction != CurationConfig.val_fraction
+            or curation.split_seed != CurationConfig.split_seed
+        ):
             raise ValueError(
-                "data: no training rows after the validation split; add documents or lower val_fraction"
+                "set the validation hold-out in data.split (val_fraction, seed), not in data.curation"
+            )
+        if mix is not None and mix.weights is not None:
+            check_weights(mix.weights, names)
+        elif streaming and len(sources) > 1:
+            raise ValueError(
+                "data.streaming with several sources needs data.mix.weights (token shares summing to 1): "
+                "natural proportions need a full pass over the data"
             )
 
-    def _rows(self, docs) -> list[dict]:
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-        return _simple_pack([t + [eos] for t in ids], self.seq_len, self.tokenizer.pad_token_id)
+    # -- building -------------------------------------------------------------------------------------------
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_rows,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            drop_last=True,
+    def _builder_args(self, weights: dict[str, float]) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len,
+            "eos_id": self.tokenizer.eos_token_id,
+            "pad_id": self.tokenizer.pad_token_id,
+            "source_names": self.source_names,
+            "objectives": self.objectives,
+            "fim": self.fim_transform,
+            "weights": weights,
+        }
+
+    def _key(self, *parts: Any) -> str:
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    @property
+    def _cache(self):
+        return cache_root(self.tokenizer_spec.cache_dir) / "data"
+
+    def _pack_settings(self) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len,
+            "fim": asdict(self.fim) if self.fim is not None else None,
+            "objectives": self.objectives,
+            "source_names": self.source_names,
+            "eos": self.tokenizer.eos_token_id,
+            "pad": self.tokenizer.pad_token_id,
+        }
+
+    def _build_packed(self) -> None:
+        key = corpus_key(
+            self.tokenizer,
+            self.sources,
+            self.curation,
+            self.objectives,
+            self.encoder.offsets,
+            self.chat_template,
         )
+        corpus = TokenizedCorpus.build_or_load(
+            self.sources, self.curation, self.encoder, key, self._cache, self.num_proc
+        )
+        self.corpus = corpus
+        if self.mix.weights is not None:
+            weights, stop = check_weights(self.mix.weights, self.source_names), self.mix.stop
+        else:
+            weights, stop = self._natural_weights("train"), "each_once"
+        settings = self._pack_settings()
+        train_key = self._key("train", key, settings, weights, stop, self.mix.num_tokens)
+        self.train_rows = self._store(
+            f"rows-{train_key}",
+            lambda: RowBuilder(**self._builder_args(weights), stop=stop, num_tokens=self.mix.num_tokens),
+            "train",
+        )
+        val_weights = self._natural_weights("validation")
+        if val_weights:
+            val_key = self._key("validation", key, settings, val_weights)
+            self.val_rows = self._store(
+                f"rows-{val_key}",
+                lambda: RowBuilder(**self._builder_args(val_weights), stop="each_once"),
+                "validation",
+            )
+        else:
+            self.val_rows = []
+        log.info("data:\n%s", "\n".join(self.summary_lines()))
+
+    def _natural_weights(self, split: str) -> dict[str, float]:
+        assert self.corpus is not None
+        tokens = {n: self.corpus.tokens(n, split) for n in self.source_names}
+        total = sum(tokens.values())
+        return {n: t / total for n, t in tokens.items()} if total else {}
+
+    def _store(self, folder_name: str, builder_factory, split: str) -> RowStore:
+        folder = self._cache / folder_name
+        if (folder / "meta.json").is_file():
+            return RowStore(folder)
+        assert self.corpus is not None
+        corpus = self.corpus
+        builder = builder_factory()
+        rows = builder.rows(lambda name, k: corpus.documents(name, split, k))
+
+        def extra() -> dict[str, Any]:
+            return {"packing": asdict(builder.packing), "mix": asdict(builder.mixer.stats)}
+
+        return RowStore.write(folder, rows, self.seq_len, self.source_names, extra)
+
+    def _build_streaming_val(self) -> list[dict[str, Any]]:
+        weights = self.mix.weights or {self.source_names[0]: 1.0}
+        builder = RowBuilder(
+            **self._builder_args(check_weights(weights, self.source_names)), stop="each_once"
+        )
+        curator = Curator(self.curation)
+        by_name = {s.name: s for s in self.sources}
+        rows = []
+        for row in builder.rows(
+            lambda name, k: stream_documents(by_name[name], curator, self.encoder, "validation")
+        ):
+            rows.append(row)
+            if self.max_val_rows is not None and len(rows) >= self.max_val_rows:
+                break
+        return rows
+
+    def prepare_data(self) -> None:
+        """Build the caches once per node (Lightning calls this on local rank 0 before ``setup``)."""
+        if not self.streaming:
+            self._build_packed()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_rows is not None or (self.streaming and self.val_rows is not None):
+            return
+        if self.streaming:
+            self.val_rows = self._build_streaming_val()
+        else:
+            self._build_packed()
+
+    # -- summaries ------------------------------------------------------------------------------------------
+
+    def summary_lines(self) -> list[str]:
+        """What was read, removed and packed (map-style data; streaming has no full pass to report)."""
+        lines: list[str] = []
+        if self.corpus is not None:
+            lines.extend(self.corpus.report.summary().splitlines())
+        if self.train_rows is not None:
+            lines.extend("train " + line for line in self.train_rows.summary.lines(self.objectives))
+        return lines
+
+    @property
+    def train_summary(self) -> RowSummary | None:
+        """Counts over every training row (map-style data)."""
+        return self.train_rows.summary if self.train_rows is not None else None
+
+    # -- loaders --------------------------------------------------------------------------------------------
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def train_batches(self) -> PackedBatches | StreamingBatches:
+        """The rank's batch stream behind the train loader (preview reads it directly, with span metadata)."""
+        self.setup("fit")
+        rank, world = self._rank()
+        if self.streaming:
+            fingerprint = self._key(
+                "stream",
+                tokenizer_fingerprint(self.tokenizer),
+                [asdict(s) for s in self.sources],
+                asdict(self.curation),
+                self._pack_settings(),
+                asdict(self.mix),
+            )
+            return StreamingBatches(
+                _StreamRows(self), self.batch_size, rank, world, self.num_workers, fingerprint
+            )
+        assert self.train_rows is not None
+        return PackedBatches(self.train_rows, self.batch_size, self.shuffle, self.seed, rank, world)
+
+    def train_dataloader(self) -> ResumableLoader:
+        # Lightning warns about any IterableDataset with a length; ours deals batches to workers itself.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        self._train_batches = self.train_batches()
+        self._train_loader = ResumableLoader(
+            self._train_batches, num_workers=self.num_workers, track_consumed=self.trainer is not None
+        )
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        rows = self.val_rows if self.val_rows is not None else []
         return DataLoader(
-            self.val_rows, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers
+            _Rows(rows, self.max_val_rows),
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
         )
 
-
-def _held_out(doc_id: str, fraction: float) -> bool:
-    import hashlib
-
-    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
-    return h / 2**64 < fraction
-
-
-def _simple_pack(docs: list[list[int]], seq_len: int, pad_id: int) -> list[dict]:
-    rows, cur_ids, cur_pos, cur_lab = [], [], [], []
-    for tokens in docs:
-        for start in range(0, len(tokens), seq_len):
-            piece = tokens[start : start + seq_len]
-            while piece:
-                room = seq_len - len(cur_ids)
-                take, piece = piece[:room], piece[room:]
-                labels = list(take)
-                if cur_ids:
-                    labels[0] = -100
-                cur_ids += take
-                cur_lab += labels
-                cur_pos += list(range(len(take)))
-                if len(cur_ids) == seq_len:
-                    rows.append(
-                        {
-                            "input_ids": cur_ids,
-                            "labels": cur_lab,
-                            "position_ids": cur_pos,
-                            "token_kind": [1] * seq_len,
-                            "source_index": [0] * seq_len,
-                        }
-                    )
-                    cur_ids, cur_pos, cur_lab = [], [], []
-    return rows
-
-
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack the tensor fields of packed rows; metadata (``documents``) is not sent to the model."""
-    return {k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in TENSOR_KEYS if k in rows[0]}
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The trainer is about to train on this batch: it is now consumed, so a checkpoint resumes after it.
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            position = batch.pop(POSITION_KEY)
+            if self._train_batches is not None:
+                self._train_batches.consumed = tuple(position)
+        return batch
