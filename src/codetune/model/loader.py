@@ -1,13 +1,38 @@
-"""Build the Hugging Face causal LM a recipe names: from a checkpoint, or from a config for a tiny model."""
+"""Build the Hugging Face causal LM a recipe names, with its RoPE, embeddings for new tokens and adapter.
+
+Where the weights come from (``model.name_or_path`` or ``model.config``):
+
+- a Hub id or an exported Hugging Face folder (``config.json`` + weights);
+- a codetune training checkpoint (a ``.ckpt`` file, or a run directory whose newest ``last.ckpt`` is taken):
+  the model that run trained is rebuilt from the spec in its ``hyper_parameters``, its weights are read with
+  ``torch.load(weights_only=True)`` and any adapter is merged, so the next stage starts from it
+  (``recipes/tiny-lcft.yaml`` continues ``recipes/quickstart.yaml`` this way);
+- ``config``: a freshly initialised model of any ``model_type`` (tiny models for tests and quickstarts).
+
+Then, in order: the recipe's RoPE rescaling is written into the config before weights are used, a quantized base
+is loaded through bitsandbytes, the embeddings grow for tokens the tokenizer added (mean-initialised, padded to a
+multiple of 64), and the adapter is attached (:mod:`codetune.model.adapters`).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from codetune.model.adapters import (
+    Adapter,
+    Quantization,
+    apply_adapter,
+    bnb_config,
+    check_quantization_supported,
+    keep_4bit_layers_trainable,
+)
+from codetune.model.rope import RopeScaling, apply_rope_scaling, rebuild_rotary_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +44,13 @@ class ModelSpec:
     """Which model to fine-tune and how to load it."""
 
     name_or_path: str | None = None
-    """Any ``AutoModelForCausalLM`` checkpoint: a local folder or a Hub id."""
+    """A Hub id, a local Hugging Face folder, or a codetune checkpoint (``.ckpt`` file or run directory) to
+    continue from."""
     config: dict[str, Any] | None = None
     """Instead of a checkpoint: ``model_type`` plus config fields for a freshly initialised model."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the weights are loaded in (mixed precision is the Trainer's ``precision``)."""
+    """Dtype the weights are loaded in (mixed precision is the Trainer's ``precision``); with quantization, the
+    dtype of the parts left unquantized."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """Attention kernel; ``auto`` takes flash-attn 2 when importable on CUDA, else PyTorch SDPA."""
     gradient_checkpointing: bool = False
@@ -34,8 +61,25 @@ class ModelSpec:
     """When the tokenizer adds tokens, grow the embedding to a multiple of this (tensor-core friendly)."""
     init_seed: int = 0
     """Seed for the weights of a model built from ``config`` (and for new embedding rows)."""
+    adapter: Adapter = field(default_factory=Adapter)
+    """Which weights train: full fine-tuning, LoRA or DoRA (with ``quantization``: QLoRA)."""
+    quantization: Quantization | None = None
+    """Load the frozen base in 4-bit (NF4/FP4) or 8-bit through bitsandbytes; needs a LoRA/DoRA adapter."""
+    rope: RopeScaling | None = None
+    """RoPE rescaling for a longer context; replaces the base's own setting (see ``RopeScaling``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for ``from_pretrained``."""
+
+    def __post_init__(self) -> None:
+        if self.name_or_path in ("None", "null"):
+            # jsonargparse (4.53) turns `--model.init_args.model.name_or_path=null` into the string "None" inside
+            # a subclass's init_args; no model is called that, so read it as the null the user wrote.
+            self.name_or_path = None
+        # Checkpoint hparams hold the spec as plain dicts (``asdict``); turn the nested parts back into dataclasses.
+        for name, cls in (("adapter", Adapter), ("quantization", Quantization), ("rope", RopeScaling)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
 
     def validate(self) -> None:
         if (self.name_or_path is None) == (self.config is None):
@@ -44,9 +88,25 @@ class ModelSpec:
             )
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config needs a `model_type` (e.g. llama, mistral, qwen2, starcoder2)")
-        if self.name_or_path and self.name_or_path.startswith((".", "/", "~")):
-            if not Path(self.name_or_path).expanduser().exists():
+        if self.name_or_path:
+            local = Path(self.name_or_path).expanduser()
+            if self.name_or_path.endswith(".ckpt") and not local.is_file():
+                raise FileNotFoundError(
+                    f"model.name_or_path: checkpoint {self.name_or_path} does not exist; run the stage that "
+                    "writes it first (paths are relative to the current directory)"
+                )
+            if self.name_or_path.startswith((".", "/", "~")) and not local.exists():
                 raise FileNotFoundError(f"model.name_or_path: {self.name_or_path} does not exist")
+        self.adapter.validate()
+        if self.quantization is not None:
+            self.quantization.validate()
+            if self.adapter.method == "full":
+                raise ValueError(
+                    "model.quantization freezes the base in 4/8 bit, so adapter.method=full cannot train it: "
+                    "set model.adapter.method to lora or dora (QLoRA), or remove model.quantization"
+                )
+        if self.rope is not None:
+            self.rope.validate()
 
 
 def device_type_for_loading() -> str:
@@ -54,43 +114,119 @@ def device_type_for_loading() -> str:
 
 
 def load_model(spec: ModelSpec, tokenizer=None):
-    """Instantiate the model and fit its embeddings to ``tokenizer`` (new FIM sentinels get mean-initialised rows)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model to train: weights loaded, RoPE rescaled, embeddings fitted to ``tokenizer``, adapter attached.
+
+    Returns a ``transformers`` model, or a ``peft.PeftModelForCausalLM`` under LoRA/DoRA.
+    """
+    from transformers import AutoModelForCausalLM
 
     from codetune.model.attention import resolve_attn_implementation
 
     spec.validate()
-    attn = resolve_attn_implementation(spec.attn_implementation, device_type_for_loading())
+    device_type = device_type_for_loading()
+    if spec.quantization is not None:
+        check_quantization_supported(spec.quantization, _quantization_device(device_type))
+    attn = resolve_attn_implementation(spec.attn_implementation, device_type)
     dtype = DTYPES[spec.dtype]
-    if spec.config is not None:
-        cfg = dict(spec.config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        if tokenizer is not None:
-            config.vocab_size = _padded(len(tokenizer), spec.pad_vocab_to_multiple_of)
+    base_vocab: int | None = None
+    source = _source_kind(spec)
+    if source == "config":
+        config = base_config(spec, tokenizer)
         config._attn_implementation = attn
+        if spec.rope is not None:
+            apply_rope_scaling(config, spec.rope)
         with torch.random.fork_rng():
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    elif source == "checkpoint":
+        model, base_vocab = _from_training_checkpoint(spec.name_or_path, tokenizer, attn)
+        model.to(dtype)
+        if spec.rope is not None:
+            apply_rope_scaling(model.config, spec.rope)
+            rebuild_rotary_embeddings(model)
     else:
+        config = base_config(spec)
+        if spec.rope is not None:
+            # Before the weights load: the rotary tables are built from the config.
+            apply_rope_scaling(config, spec.rope)
+        kwargs = {}
+        if spec.quantization is not None:
+            kwargs = dict(
+                quantization_config=bnb_config(spec.quantization),
+                device_map={"": _quantization_device(device_type)},
+            )
         model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path,
+            _local_or_hub(spec.name_or_path),
+            config=config,
             dtype=dtype,
             attn_implementation=attn,
             trust_remote_code=spec.trust_remote_code,
+            **kwargs,
             **spec.extra,
         )
+        base_vocab = _base_tokenizer_size(spec, tokenizer)
+    if spec.quantization is not None and source != "pretrained":
+        model = _quantized_copy(model, spec, attn, device_type)
+    if spec.quantization is not None:
+        keep_4bit_layers_trainable(model)
+    new_rows: list[int] = []
     if tokenizer is not None:
-        fit_embeddings(model, tokenizer, spec.pad_vocab_to_multiple_of, spec.init_seed)
+        new_rows = fit_embeddings(model, tokenizer, spec.pad_vocab_to_multiple_of, spec.init_seed, base_vocab)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    log.info("loaded %s with %s attention", spec.name_or_path or spec.config["model_type"], attn)
+    # A freshly initialised model trains every row: its "new" tokens are not new.
+    model = apply_adapter(
+        model, spec.adapter, new_rows if source != "config" else (), quantized=spec.quantization is not None
+    )
+    log.info(
+        "loaded %s with %s attention%s",
+        spec.name_or_path or spec.config["model_type"],
+        attn,
+        f", adapter {spec.adapter.method}" if spec.adapter.method != "full" else "",
+    )
     return model
 
 
-def fit_embeddings(model, tokenizer, multiple_of: int = 64, seed: int = 0) -> None:
-    """Grow the embeddings when the tokenizer has more tokens than the model; set special token ids."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+def base_config(spec: ModelSpec, tokenizer=None):
+    """The base model's ``transformers`` config before ``spec.rope`` is applied (no model is built).
+
+    For a codetune checkpoint this is the architecture that run trained, its own RoPE rescaling included.
+    With ``tokenizer``, a config-built model's vocabulary is sized to it.
+    """
+    from transformers import AutoConfig
+
+    source = _source_kind(spec)
+    if source == "config":
+        values = dict(spec.config)
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        if tokenizer is not None:
+            config.vocab_size = _padded(len(tokenizer), spec.pad_vocab_to_multiple_of)
+        return config
+    if source == "checkpoint":
+        from codetune.checkpoints import locate, read_checkpoint
+
+        trained = read_checkpoint(locate(spec.name_or_path))
+        config = base_config(trained.spec)
+        if trained.spec.rope is not None:
+            apply_rope_scaling(config, trained.spec.rope)
+        return config
+    return AutoConfig.from_pretrained(
+        _local_or_hub(spec.name_or_path), trust_remote_code=spec.trust_remote_code
+    )
+
+
+def fit_embeddings(
+    model, tokenizer, multiple_of: int = 64, seed: int = 0, base_vocab: int | None = None
+) -> list[int]:
+    """Grow the embeddings when the tokenizer has more tokens than the model; set special token ids.
+
+    Returns the ids of the tokens that are new to the base: ``base_vocab`` (the base tokenizer's size, when
+    known) or else the embedding's rows before growing, up to the tokenizer's size. Padding rows beyond the
+    tokenizer are never used, so they are not counted.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             # mean_resizing: new rows start at the mean embedding (Hewitt 2021), so the new sentinels do not
@@ -102,6 +238,114 @@ def fit_embeddings(model, tokenizer, multiple_of: int = 64, seed: int = 0) -> No
             setattr(model.config, name, value)
             if model.generation_config is not None:
                 setattr(model.generation_config, name, value)
+    first_new = min(rows, base_vocab) if base_vocab is not None else rows
+    return list(range(first_new, len(tokenizer)))
+
+
+def check_tokenizer_extends(base_vocab: dict[str, int], tokenizer, base: str) -> None:
+    """Refuse a run tokenizer that gives any of the base's tokens another id (it would train on garbage)."""
+    vocab = tokenizer.get_vocab()
+    moved = [(t, i, vocab.get(t)) for t, i in base_vocab.items() if vocab.get(t) != i]
+    if moved:
+        examples = ", ".join(f"{t!r}: {i} -> {j}" for t, i, j in moved[:3])
+        raise ValueError(
+            f"the run's tokenizer disagrees with the tokenizer of {base} on {len(moved)} tokens ({examples}); "
+            "load the base's tokenizer (data.tokenizer.name_or_path) so token ids keep their meaning"
+        )
+
+
+def _source_kind(spec: ModelSpec) -> Literal["config", "checkpoint", "pretrained"]:
+    if spec.config is not None:
+        return "config"
+    local = Path(spec.name_or_path).expanduser()
+    if local.is_file() or (local.is_dir() and not (local / "config.json").is_file()):
+        return "checkpoint"  # a .ckpt file, or a run directory (codetune.checkpoints.locate resolves it)
+    return "pretrained"
+
+
+def _local_or_hub(name_or_path: str) -> str:
+    local = Path(name_or_path).expanduser()
+    return str(local) if local.exists() else name_or_path
+
+
+def _quantization_device(device_type: str) -> str:
+    # Under DDP each process has already selected its own GPU; quantize straight onto it.
+    return f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
+
+
+def _from_training_checkpoint(path: str, tokenizer, attn: str) -> tuple[Any, int]:
+    """The model a codetune run trained, rebuilt in full precision with adapters merged, and its vocabulary size.
+
+    The run's spec rebuilds the same structure (same loader, same embedding rows, same adapter) before its
+    weights are loaded, so every key must match; a quantized base comes back unquantized from the base model.
+    """
+    from codetune.checkpoints import (
+        build_model,
+        load_trained_weights,
+        locate,
+        merge_adapters,
+        read_checkpoint,
+    )
+
+    location = locate(path)
+    trained = read_checkpoint(location)
+    if tokenizer is not None:
+        check_tokenizer_extends(trained.tokenizer.get_vocab(), tokenizer, f"checkpoint {location.path}")
+    base = replace(
+        trained.spec,
+        quantization=None,
+        gradient_checkpointing=False,
+        dtype="float32",
+        attn_implementation="sdpa" if attn == "flash_attention_2" else attn,  # adapters merge in fp32
+    )
+    model = build_model(base, trained.tokenizer)
+    load_trained_weights(model, trained.state_dict)
+    model = merge_adapters(model)
+    if attn != model.config._attn_implementation:
+        model.set_attn_implementation(attn)
+    log.info(
+        "continuing from %s (step %s, %s adapter merged)",
+        location.path,
+        trained.global_step,
+        base.adapter.method,
+    )
+    return model, len(trained.tokenizer)
+
+
+def _base_tokenizer_size(spec: ModelSpec, tokenizer) -> int | None:
+    """Size of the base model's own tokenizer, when it ships one: tokens past it are new even if the base's
+    embedding already had (untrained) padding rows for them. Also checks the run's tokenizer extends it."""
+    if tokenizer is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        base = AutoTokenizer.from_pretrained(
+            _local_or_hub(spec.name_or_path), trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as error:
+        log.debug(
+            "no tokenizer with %s (%s): new tokens are the rows the embedding grows", spec.name_or_path, error
+        )
+        return None
+    check_tokenizer_extends(base.get_vocab(), tokenizer, spec.name_or_path)
+    return len(base)
+
+
+def _quantized_copy(model, spec: ModelSpec, attn: str, device_type: str):
+    """Quantize a model that did not come from ``from_pretrained`` by saving and reloading it through
+    bitsandbytes, the one path that quantizes every linear layer the way a Hub base would be."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="codetune-quantize-") as tmp:
+        model.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(
+            tmp,
+            dtype=DTYPES[spec.dtype],
+            attn_implementation=attn,
+            quantization_config=bnb_config(spec.quantization),
+            device_map={"": _quantization_device(device_type)},
+        )
 
 
 def _padded(n: int, multiple: int) -> int:

@@ -1,0 +1,47 @@
+"""The instruction stage: the causal LM on a chat mix with rehearsal, with the loss broken down by source.
+
+Response-only loss needs nothing here: the chat pipeline writes ``labels`` of -100 on system and user turns, and
+the base module's loss ignores them. What the stage adds is visibility: Code Llama - Instruct rehearses 6% code
+and 2% natural language so instruction tuning does not erode them (Rozière et al. 2023 §2.5), and whether it
+works shows only in the loss per mix source (``loss/<source>``), which one mixed loss hides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from codetune.modules.causal import CausalLM
+
+
+class InstructStage(CausalLM):
+    """Instruction tuning; logs ``loss/<source>`` per mix source (token-weighted) and ``target_fraction``.
+
+    Source names come from the data module's ``source_names`` (the batch's ``source_index`` indexes them);
+    without them sources are named ``source<i>``. ``target_fraction`` is the share of real tokens that carry a
+    label: well below 1 on chat data, where prompts are masked.
+    """
+
+    def source_names(self) -> list[str]:
+        """Names of the mix sources, in ``source_index`` order."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return list(getattr(datamodule, "source_names", None) or [])
+
+    def extra_metrics(self, batch, losses, mask, logits):
+        if "source_index" not in batch:
+            raise ValueError(
+                "the instruct stage needs `source_index` in every batch (index into the data module's "
+                "source_names, -1 for pad); use codetune's data module"
+            )
+        source = batch["source_index"][:, 1:]  # aligned with losses: source of target token t
+        names = self.source_names()
+        present = int(source.max()) + 1 if source.numel() else 0
+        metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Every known source is reported on every batch (weight 0 when absent), so ranks log the same keys.
+        for index in range(max(len(names), present)):
+            selected = mask & (source == index)
+            count = selected.sum()
+            name = names[index] if index < len(names) else f"source{index}"
+            metrics[f"loss/{name}"] = ((losses * selected).sum() / count.clamp(min=1), count)
+        real = batch["token_kind"][:, 1:] != 0 if "token_kind" in batch else source >= 0
+        metrics["target_fraction"] = (mask.sum() / real.sum().clamp(min=1), real.sum())
+        return metrics
