@@ -14,7 +14,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from codetune import checkpoints
-from codetune.export import export
+from codetune.exporter import export
 from tests.conftest import TINY_LLAMA
 from tests.test_checkpoints import fit_checkpoint, logits_of, sample_ids
 
@@ -476,7 +476,7 @@ def test_non_empty_out_is_refused_and_left_untouched(full_run, tmp_path, no_mode
 def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_one(
     full_run, tmp_path, monkeypatch
 ):
-    import codetune.export as export_module
+    import codetune.exporter as export_module
 
     _, path, _ = full_run
     out = tmp_path / "out"

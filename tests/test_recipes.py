@@ -26,6 +26,20 @@ def tiny_model_override(recipe: Path) -> list[str]:
     return ["--model.init_args.model.name_or_path=null", f"--model.init_args.model.config={family}"]
 
 
+def cpu_trainer_override(recipe: Path) -> list[str]:
+    """GPU / multi-device recipes are instantiated on one CPU process; their own values are checked elsewhere."""
+    trainer = yaml.safe_load(recipe.read_text()).get("trainer", {})
+    if trainer.get("accelerator", "cpu") == "cpu" and trainer.get("devices", 1) == 1:
+        return []
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_nodes=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+    ]
+
+
 def test_the_catalogue_is_not_empty():
     assert (REPO / "recipes" / "quickstart.yaml") in RECIPES
     assert DATA_MODULES
@@ -39,6 +53,7 @@ def test_recipe_instantiates(recipe, tmp_path):
             str(recipe),
             TINY_TOKENIZER,
             *tiny_model_override(recipe),
+            *cpu_trainer_override(recipe),
             f"--trainer.default_root_dir={tmp_path}",
         ],
         run=False,

@@ -1,15 +1,19 @@
-"""codetune: fine-tune code language models (FIM, long context, instruction tuning) with Lightning."""
+"""codetune: fine-tune code language models (FIM, long context, instruction tuning) with Lightning.
+
+Notebook API: ``codetune.fit``, ``codetune.preview``, ``codetune.export``, ``codetune.evaluate`` and
+``codetune.infill`` (see :mod:`codetune.api`), imported on first use so ``import codetune`` stays cheap.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["fit", "FitResult", "__version__"]
+_API = ("fit", "FitResult", "preview", "export", "evaluate", "infill")
+__all__ = [*_API, "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy, so `import codetune` stays cheap and the CLI's --help does not import torch twice.
-    if name in ("fit", "FitResult"):
+    if name in _API:
         from codetune import api
 
         return getattr(api, name)

@@ -1,10 +1,17 @@
-"""Notebook entry points: the same recipes and code paths as the ``codetune`` command, returning Python objects."""
+"""Notebook entry points: the same recipes and code paths as the ``codetune`` command, returning Python objects.
+
+Each function is a thin wrapper: ``fit`` runs the CLI's own LightningCLI subclass, ``preview``, ``export`` and
+``evaluate`` call the functions behind ``codetune preview|export|eval`` (so they accept the same options), and
+``infill`` builds its prompt and stops generation with the code the infilling eval uses.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from codetune.cli import CodetuneCLI, checkpoint_path
 
@@ -32,9 +39,7 @@ def fit(recipe: str | Path, overrides: list[str] | None = None) -> FitResult:
 
     Example: ``codetune.fit("recipes/quickstart.yaml", overrides=["--trainer.max_steps=20"])``.
     """
-    recipe = Path(recipe)
-    if not recipe.is_file():
-        raise FileNotFoundError(f"recipe {recipe} does not exist")
+    recipe = _existing_recipe(recipe)
     cli = CodetuneCLI(args=["fit", "--config", str(recipe), *(overrides or [])])
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
     if cli.initial_val_loss is not None:
@@ -49,3 +54,173 @@ def fit(recipe: str | Path, overrides: list[str] | None = None) -> FitResult:
         run_dir=cli.trainer.log_dir,
         metrics=metrics,
     )
+
+
+def preview(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    rows: int = 8,
+    out: str | Path | None = None,
+    split: Literal["train", "validation"] = "train",
+) -> dict[str, Any]:
+    """The first rows a recipe trains on, as ``codetune preview --config RECIPE`` shows them; builds no model.
+
+    Returns ``{"rows": [...], "summary": {...}}``: each row has ``input_ids``, ``labels``, ``position_ids``,
+    ``token_kind``, its decoded ``text`` and the ``documents`` it holds; the summary has the FIM/PSM/SPM rates,
+    token shares per source and the real-token fraction. ``out`` also writes the rows as JSONL.
+    """
+    from codetune.data.preview import preview as preview_recipe
+
+    recipe = _existing_recipe(recipe)
+    return preview_recipe(
+        str(recipe),
+        rows=rows,
+        out=None if out is None else str(out),
+        split=split,
+        overrides=list(overrides or []),
+    )
+
+
+def export(checkpoint: str | Path | FitResult, out: str | Path, **options: Any) -> Path:
+    """Export a checkpoint (or a ``FitResult``) as a Hugging Face folder with a model card, as ``codetune export``.
+
+    ``options`` are ``codetune export``'s: ``dtype``, ``adapter_only``, ``push_to_hub``, ``private``,
+    ``revision``, ``overwrite``, ``base_model``, ``max_shard_size``, ``license`` (see ``codetune export --help``).
+    Returns the exported folder.
+    """
+    from codetune.exporter import export as export_checkpoint
+
+    _check_options(export_checkpoint, options, "export", given=("ckpt_path", "out"))
+    return export_checkpoint(_checkpoint_of(checkpoint, "export"), str(out), **options)
+
+
+def evaluate(task: str, model: str | Path | FitResult | None = None, **options: Any) -> dict[str, Any]:
+    """Run ``codetune eval TASK``: ``humaneval``, ``infilling``, ``retrieval`` or ``perplexity``.
+
+    ``model`` is an exported folder, a checkpoint, a run directory or a ``FitResult``; ``options`` are the
+    task's own (e.g. ``limit=10``, ``lengths=[256, 512]``, ``out_dir="eval"``; see ``codetune eval TASK --help``).
+    Returns the results dictionary that is also written to ``out_dir``.
+    """
+    tasks = eval_tasks()
+    if task not in tasks:
+        raise ValueError(f"evaluate: unknown task {task!r}; choose one of {sorted(tasks)}")
+    run = tasks[task]
+    if model is not None:
+        options["model"] = _checkpoint_of(model, f"evaluate({task!r})")
+    _check_options(run, options, f"evaluate({task!r})")
+    return run(**options)
+
+
+def eval_tasks() -> dict[str, Callable[..., dict[str, Any]]]:
+    """The evaluation tasks, from the same table ``codetune eval`` dispatches on."""
+    from codetune.cli import _function_commands
+
+    return dict(_function_commands()["eval"])
+
+
+def infill(
+    model: Any,
+    prefix: str,
+    suffix: str,
+    *,
+    tokenizer: Any = None,
+    format: Literal["psm", "spm"] = "psm",
+    sentinels: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """Fill in the code between ``prefix`` and ``suffix`` (strings); returns the middle.
+
+    ``model`` is a path (exported folder, checkpoint or run directory, loaded as ``codetune eval`` loads it),
+    a ``FitResult``, a codetune LightningModule, a ``(model, tokenizer)`` pair, or a Hugging Face model with
+    ``tokenizer=``. The prompt is laid out by the training FIM code in ``format`` (PSM or SPM) with the
+    tokenizer's FIM sentinels (or ``sentinels``: ``codellama``, ``starcoder``), and generation stops at the
+    end-of-middle sentinel, exactly as ``codetune infill`` and the infilling eval do.
+    """
+    from codetune.eval.infilling import generate_infills, require_sentinels
+
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise TypeError(
+            "infill: prefix and suffix are the code text itself (str); for files use `codetune infill`"
+        )
+    hf_model, tok = _model_and_tokenizer(model, tokenizer)
+    chosen = require_sentinels(tok, sentinels)
+    [middle] = generate_infills(
+        hf_model,
+        tok,
+        [(prefix, suffix)],
+        format,
+        chosen,
+        max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    return middle
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+
+
+def _existing_recipe(recipe: str | Path) -> Path:
+    path = Path(recipe)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"recipe {recipe} does not exist (paths are relative to the current directory)"
+        )
+    return path
+
+
+def _checkpoint_of(source: str | Path | FitResult, what: str) -> str:
+    """A path the CLI's loaders accept, from a path or a ``FitResult``."""
+    if isinstance(source, FitResult):
+        if source.checkpoint is None:
+            raise ValueError(
+                f"{what}: this fit wrote no checkpoint (trainer.enable_checkpointing is off); "
+                "train with checkpointing or pass a checkpoint path"
+            )
+        return source.checkpoint
+    if isinstance(source, (str, Path)):
+        return str(source)
+    raise TypeError(
+        f"{what}: expected a checkpoint, run directory or exported folder path, or a FitResult; got "
+        f"{type(source).__name__} (an in-memory model: save it first, or use result.checkpoint)"
+    )
+
+
+def _model_and_tokenizer(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The Hugging Face model and its tokenizer, from any of the forms ``infill`` accepts."""
+    from codetune.modules.causal import CausalLM
+
+    if isinstance(model, (str, Path)):
+        from codetune.checkpoints import load_for_inference
+
+        loaded, own = load_for_inference(model)
+        return loaded, tokenizer or own
+    if isinstance(model, tuple) and len(model) == 2:
+        model, tokenizer = model[0], tokenizer or model[1]
+    elif isinstance(model, FitResult):
+        model, tokenizer = model.module.model, tokenizer or model.datamodule.tokenizer
+    elif isinstance(model, CausalLM):  # the training module (or a stage)
+        if model.model is None:
+            raise ValueError(
+                "infill: the module's model is not built yet; call module.configure_model() first"
+            )
+        model, tokenizer = model.model, tokenizer or model.tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            "infill: no tokenizer; pass tokenizer=..., a (model, tokenizer) pair, a FitResult or a path"
+        )
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"infill: {type(model).__name__} is not a generating Hugging Face model")
+    return model, tokenizer
+
+
+def _check_options(
+    function: Callable[..., Any], options: dict[str, Any], what: str, given: tuple[str, ...] = ()
+) -> None:
+    """Name an unknown option in one line, with the valid ones, before anything is loaded."""
+    accepted = [name for name in inspect.signature(function).parameters if name not in given]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what}: unknown option(s) {unknown}; valid: {accepted}")
