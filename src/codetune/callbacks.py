@@ -1,15 +1,78 @@
-"""Training callbacks: throughput in the progress bar, and the end-of-run summary."""
+"""Training callbacks: throughput in the progress bar, the end-of-run summary, and early dropout."""
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import Literal
 
 import lightning as L
 import torch
 
+# Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (NVIDIA data sheets, without sparsity). Lightning's own table
+# lists H200 at its sparse figure and misses device names such as "NVIDIA H200", hence this short one.
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "a100": 312e12,  # SXM and PCIe alike
+    "h100 sxm": 989e12,
+    "h100 pcie": 756e12,
+    "h100 nvl": 835e12,
+    "h200": 989e12,  # SXM
+    "h200 nvl": 835e12,
+}
+_HALF_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16")
+
+
+def gpu_chip(device_name: str) -> str | None:
+    """The :data:`PEAK_FLOPS_BF16` key of a CUDA device name (``torch.cuda.get_device_name``), if listed."""
+    name = device_name.lower()
+    if "h200" in name:
+        return "h200 nvl" if "nvl" in name else "h200"
+    if "h100" in name:
+        for variant, marks in (("nvl", ("nvl",)), ("pcie", ("pcie",)), ("sxm", ("sxm", "hbm3"))):
+            if any(mark in name for mark in marks):
+                return f"h100 {variant}"
+        return None  # an H100 whose variant the name does not tell: no guess
+    if "a100" in name:
+        return "a100"
+    return None
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one ``device`` at ``precision``: A100/H100/H200 in bf16/fp16 only, else ``None`` (CPU,
+    other GPUs, and float32, whose TF32 peak is a different number)."""
+    if device.type != "cuda" or str(precision) not in _HALF_PRECISIONS:
+        return None
+    chip = gpu_chip(torch.cuda.get_device_name(device))
+    return PEAK_FLOPS_BF16.get(chip) if chip else None
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, App. B), adapters included.
+
+    N counts the weights of linear layers (the matmuls; embedding lookups are free, the output head is not),
+    read from their ``in_features``/``out_features`` so 4-bit and sharded layers count at full size. A frozen
+    weight needs no weight gradient: it costs 4 FLOPs per weight per token (forward, input gradient), a trained
+    one 6. The attention term counts the full causal square, as PaLM does; activation recomputation is not
+    counted (that would be hardware FLOPs, not model FLOPs).
+    """
+    total = trained = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n = module.in_features * module.out_features
+            total += n
+            trained += n if module.weight.requires_grad else 0
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (
+        getattr(config, "hidden_size", 0) // heads if heads else 0
+    )
+    return 4 * total + 2 * trained + 12 * layers * heads * head_dim * seq_len
+
 
 class Throughput(L.Callback):
-    """Logs tokens/s and real (non-pad) tokens/s per optimizer step, shown in the progress bar."""
+    """Logs tokens/s and real (non-pad) tokens/s per optimizer step, shown in the progress bar, and the model
+    FLOPs utilisation (MFU) on GPUs with a known peak (A100, H100, H200 in bf16/fp16)."""
 
     def __init__(self, window: int = 10) -> None:
         """
@@ -23,6 +86,14 @@ class Throughput(L.Callback):
         self.total_real_tokens = 0
         self.train_seconds = 0.0
         self._t0: float | None = None
+        self._flops_per_token: float | None = None
+        self._peak: float | None = None
+        self.mfu: float | None = None
+        """The last MFU measured (fraction of peak), ``None`` where no peak is known."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._peak = peak_flops(trainer.strategy.root_device, trainer.precision)
+        self._flops_per_token = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
@@ -30,6 +101,8 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._t0 is None:
             return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
         elapsed = time.perf_counter() - self._t0
         tokens = batch["input_ids"].numel() * trainer.world_size
         real = int(real_token_count(batch)) * trainer.world_size
@@ -39,8 +112,16 @@ class Throughput(L.Callback):
         self._times = (self._times + [elapsed])[-self.window :]
         self._tokens = (self._tokens + [(tokens, real)])[-self.window :]
         seconds = sum(self._times)
-        pl_module.log("tok/s", sum(t for t, _ in self._tokens) / seconds, prog_bar=True, on_step=True)
+        tokens_per_s = sum(t for t, _ in self._tokens) / seconds
+        pl_module.log("tok/s", tokens_per_s, prog_bar=True, on_step=True)
         pl_module.log("real_tok/s", sum(r for _, r in self._tokens) / seconds, on_step=True)
+        if self._peak is not None:
+            if self._flops_per_token is None:
+                model = getattr(pl_module, "model", None) or pl_module
+                self._flops_per_token = flops_per_token(model, batch["input_ids"].shape[1])
+            # Every token costs its FLOPs, padding included; the peak is per device.
+            self.mfu = self._flops_per_token * tokens_per_s / (self._peak * trainer.world_size)
+            pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True)
 
 
 def real_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -50,3 +131,80 @@ def real_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
     return torch.tensor(batch["input_ids"].numel())
+
+
+class EarlyDropout(L.Callback):
+    """Dropout in the first part of training only, decayed to zero (Liu et al. 2023, "Dropout Reduces
+    Underfitting"; Refact's fine-tuning recipe): it steadies the early updates, then stops costing fit.
+
+    Acts on every ``nn.Dropout`` (LoRA's included) and on the float rates Hugging Face modules pass to their
+    attention and residual dropout (``attention_dropout``, ``residual_dropout``, ``attn_pdrop``, ...). The rates
+    are restored when training ends.
+    """
+
+    def __init__(
+        self,
+        p: float | None = None,
+        until: float = 0.1,
+        until_step: int | None = None,
+        schedule: Literal["linear", "constant"] = "linear",
+    ) -> None:
+        """
+        Args:
+            p: Starting rate for every dropout site; ``None`` starts each at the rate its model configured.
+            until: Fraction of the run's optimizer steps after which dropout is zero.
+            until_step: The same as an optimizer step count (takes precedence over ``until``).
+            schedule: ``linear`` decays from the starting rate to zero; ``constant`` keeps it, then drops to zero.
+        """
+        if p is not None and not 0.0 <= p < 1.0:
+            raise ValueError(f"EarlyDropout.p must be in [0, 1), got {p}")
+        if not 0.0 < until <= 1.0:
+            raise ValueError(f"EarlyDropout.until must be in (0, 1], got {until}")
+        if until_step is not None and until_step < 1:
+            raise ValueError(f"EarlyDropout.until_step must be >= 1, got {until_step}")
+        if schedule not in ("linear", "constant"):
+            raise ValueError(f"EarlyDropout.schedule must be linear or constant, got {schedule!r}")
+        self.p = p
+        self.until = until
+        self.until_step = until_step
+        self.schedule = schedule
+        self._sites: list[tuple[torch.nn.Module, str, float]] = []
+        self._stop = 1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sites = dropout_sites(pl_module)
+        self._stop = self.until_step or max(1, round(self.until * trainer.estimated_stepping_batches))
+        if not any(self.p or rate for _, _, rate in self._sites):
+            logging.getLogger(__name__).warning(
+                "EarlyDropout: the model has no nonzero dropout to decay; set EarlyDropout.p (LoRA dropout "
+                "needs adapter.dropout > 0 to exist at all)"
+            )
+
+    def scale(self, step: int) -> float:
+        """Multiplier on the starting rates at optimizer step ``step``."""
+        if step >= self._stop:
+            return 0.0
+        return 1.0 if self.schedule == "constant" else 1.0 - step / self._stop
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        scale = self.scale(trainer.global_step)
+        for module, name, rate in self._sites:
+            setattr(module, name, (self.p if self.p is not None else rate) * scale)
+        pl_module.log("early_dropout_scale", scale, on_step=True, on_epoch=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for module, name, rate in self._sites:
+            setattr(module, name, rate)
+
+
+def dropout_sites(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, float]]:
+    """Every dropout rate in ``model`` as ``(module, attribute, current rate)``."""
+    sites = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            sites.append((module, "p", float(module.p)))
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, float) and name.endswith(("dropout", "pdrop")):
+                sites.append((module, name, value))
+    return sites

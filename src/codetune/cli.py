@@ -15,12 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+import codetune.model.sharding  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
 from codetune.callbacks import Throughput
+from codetune.resume import AtomicCheckpoint, RNGState, checkpoint_shapes
 
 RECIPE_COMMANDS = ("fit", "validate", "test")
+
+# Attribute docstrings of recipe dataclasses (ModelSpec, FIMConfig, ...) become --help text and the reference.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class CodetuneCLI(LightningCLI):
@@ -43,7 +49,13 @@ class CodetuneCLI(LightningCLI):
             save_config_kwargs={"overwrite": False},
             trainer_defaults={
                 "default_root_dir": "runs",
-                "callbacks": [RichProgressBar(leave=True), Throughput(), ModelCheckpoint(save_last=True)],
+                # Checkpoints are written atomically and carry every rank's RNG states (codetune.resume).
+                "callbacks": [
+                    RichProgressBar(leave=True),
+                    Throughput(),
+                    AtomicCheckpoint(save_last=True),
+                    RNGState(),
+                ],
             },
             args=args,
             run=run,
@@ -51,13 +63,32 @@ class CodetuneCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
         if trainer.logger in (None, True):
             # CSV by default (no extra dependency); TensorBoard / W&B when the recipe names their logger.
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": trainer.default_root_dir or "runs"},
             }
+        if trainer.enable_progress_bar is False:
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
+            ]
+        if _use_atomic_checkpoints(trainer.callbacks):
+            # The recipe configures its own checkpointing (e.g. every_n_train_steps): no second default one.
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
+            ]
+        check_devices(trainer)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would torch.load the whole checkpoint here, optimizer states included, on every rank, to
+        # replace the recipe's model arguments by the checkpoint's. In codetune the recipe decides the model and
+        # the checkpoint must fit it (its shapes are compared when it loads); here it only has to exist and be
+        # readable, checked without reading the weights.
+        if self.config.get("subcommand"):
+            check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
 
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer for both sides: the model sizes its embeddings from the data module's tokenizer.
@@ -66,7 +97,9 @@ class CodetuneCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        if self.trainer.limit_val_batches != 0:
+        resuming = self.config[self.subcommand].get("ckpt_path") is not None
+        # A resumed run's "before" is the checkpoint, not the freshly built model: no validation of the latter.
+        if self.trainer.limit_val_batches != 0 and not resuming:
             metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self.initial_val_loss = _val_loss(metrics)
         self._fit_started = time.perf_counter()
@@ -77,8 +110,79 @@ class CodetuneCLI(LightningCLI):
             self.final_val_loss = _val_loss(
                 self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             )
+        run_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
         if self.trainer.is_global_zero:
-            print_summary(self)
+            print_summary(self, run_dir)
+
+
+_CHECKPOINT_CLASSES = {
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+}
+_FSDP_STRATEGIES = ("fsdp2", "codetune.model.sharding.FSDP2Strategy", "ModelParallelStrategy")
+
+
+def _use_atomic_checkpoints(callbacks: Any) -> bool:
+    """Swap a recipe's Lightning ``ModelCheckpoint`` for :class:`AtomicCheckpoint` (same arguments, atomic writes);
+    True when the recipe configures checkpointing itself."""
+    found = False
+    for callback in callbacks or []:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        if class_path in _CHECKPOINT_CLASSES:
+            callback["class_path"] = "codetune.resume.AtomicCheckpoint"
+        found = found or class_path in (*_CHECKPOINT_CLASSES, "codetune.resume.AtomicCheckpoint")
+    return found
+
+
+def check_devices(trainer: Any) -> None:
+    """Fail before anything is built when ``trainer.devices`` asks for more devices than the machine has; run
+    FSDP with a single process as a plain single-device run, with a warning (sharding over one process saves
+    nothing and costs the wrapping)."""
+    import torch
+
+    devices = trainer.get("devices", "auto")
+    wanted = len(devices) if isinstance(devices, list) else devices
+    if isinstance(wanted, str) and wanted.strip().lstrip("-").isdigit():
+        wanted = int(wanted)
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("cpu", "gpu", "cuda", "auto") and isinstance(wanted, int) and wanted > 0:
+        if on_gpu:
+            available, kind = torch.cuda.device_count(), "CUDA GPU(s)"
+        else:
+            available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            kind = "CPU core(s) (one process per device)"
+        if wanted > (available or 1):
+            raise ValueError(
+                f"trainer.devices={wanted} but this machine has {available} {kind}; lower trainer.devices "
+                "(more machines: trainer.num_nodes, see docs/scaling.md)"
+            )
+    strategy = trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy.get("class_path") if strategy else None)
+    processes = (
+        wanted * int(trainer.get("num_nodes") or 1) if isinstance(wanted, int) and wanted > 0 else None
+    )
+    if name and name.endswith(_FSDP_STRATEGIES) and processes == 1:
+        logging.getLogger(__name__).warning(
+            "trainer.strategy=%s with a single device: running unsharded (strategy auto) instead; FSDP needs "
+            "trainer.devices > 1 (or num_nodes > 1), and a model that only fits sharded will not fit here",
+            name.rsplit(".", 1)[-1],
+        )
+        trainer.strategy = "auto"
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    """``--ckpt_path`` must exist (``last``/``best``/``hpc`` are resolved by Lightning; ``last`` before any run
+    is not an error, so a resume command can be used from the start)."""
+    special = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+    if ckpt_path is None or special or "://" in str(ckpt_path):
+        return
+    if not Path(ckpt_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path}: no such checkpoint file or folder (use --ckpt_path last to resume the "
+            "newest run of this recipe's default_root_dir)"
+        )
+    checkpoint_shapes(Path(ckpt_path).expanduser())  # readable at all? (memory-mapped / index only: cheap)
 
 
 def _tokenizer_of(datamodule):
@@ -97,7 +201,7 @@ def checkpoint_path(trainer) -> str | None:
     return cb.last_model_path or cb.best_model_path or None
 
 
-def print_summary(cli: CodetuneCLI) -> None:
+def print_summary(cli: CodetuneCLI, run_dir: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -116,7 +220,7 @@ def print_summary(cli: CodetuneCLI) -> None:
     if cli.final_val_loss is not None:
         table.add_row("val loss after", f"{cli.final_val_loss:.4f}")
     table.add_row("checkpoint", str(checkpoint_path(trainer)))
-    table.add_row("run dir", str(trainer.log_dir))
+    table.add_row("run dir", str(run_dir if run_dir is not None else trainer.log_dir))
     Console(stderr=True).print(table)
 
 
@@ -131,7 +235,7 @@ def _function_commands() -> dict[str, Callable[..., Any] | dict[str, Callable[..
     from codetune.eval.infilling import evaluate_infilling, infill
     from codetune.eval.perplexity import evaluate_perplexity
     from codetune.eval.retrieval import evaluate_retrieval
-    from codetune.export import export
+    from codetune.exporter import export
 
     return {
         "export": export,
@@ -167,10 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if command in RECIPE_COMMANDS:
             _check_config_paths(rest)
-            sys.argv = sys.argv[
-                :1
-            ]  # the arguments are passed explicitly; LightningCLI warns when both are set
-            CodetuneCLI(args=[command, *rest])
+            # Lightning starts the other processes of a multi-device run by re-running sys.argv, so it must hold
+            # the whole command; LightningCLI parses it from there.
+            saved_argv, sys.argv = sys.argv, [sys.argv[0], command, *rest]
+            try:
+                CodetuneCLI()
+            finally:
+                sys.argv = saved_argv
         else:
             from jsonargparse import CLI
 

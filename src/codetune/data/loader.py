@@ -175,6 +175,9 @@ class ResumableLoader(DataLoader):
     ) -> None:
         kwargs.pop("batch_size", None)
         kwargs.pop("collate_fn", None)
+        # Its own generator: each epoch's iterator draws a worker seed, which must not come from (and shift) the
+        # global torch RNG that dropout uses, or a resume from an epoch-end checkpoint would diverge.
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(
             dataset, batch_size=None, num_workers=num_workers, collate_fn=collate_positioned, **kwargs
         )

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from codetune.model.loader import ModelSpec, load_model
 
@@ -54,7 +55,21 @@ class CausalLM(L.LightningModule):
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.build_model()
+            # from_pretrained returns a model in eval mode; Lightning keeps modes as it finds them, so dropout
+            # (LoRA dropout included) would silently stay off during training.
+            self.model = self.build_model().train()
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):
+            # FSDP2: shard each decoder layer, then the root, before Lightning builds the optimizer on the shards.
+            from codetune.model.sharding import check_fsdp_only, shard_model, sharding_options
+
+            check_fsdp_only(strategy)
+            shard_model(
+                self.model,
+                strategy.device_mesh["data_parallel"],
+                precision=str(self.trainer.precision),
+                **sharding_options(strategy),
+            )
 
     def build_model(self):
         """Load the model; stages extend this (e.g. RoPE rescaling before weights are used)."""
@@ -94,20 +109,30 @@ class CausalLM(L.LightningModule):
             sync_dist=not on_step,
         )
         for name, value in self.extra_metrics(batch, losses, mask, logits).items():
+            value, weight = value if isinstance(value, tuple) else (value, bs)
+            weight = int(weight)
+            if on_step and weight == 0:
+                # Nothing of this kind in the batch. NaN, not a skip: Lightning would repeat the last step's value.
+                value, weight = float("nan"), 1
             self.log(
                 f"{split}/{name}",
                 value,
                 on_step=on_step,
                 on_epoch=not on_step,
-                batch_size=bs,
+                batch_size=weight,
                 sync_dist=not on_step,
             )
         return loss
 
     def extra_metrics(
         self, batch: dict[str, torch.Tensor], losses: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Stage-specific metrics from the per-token losses; the base module adds none."""
+    ) -> dict[str, torch.Tensor | tuple[torch.Tensor, int | torch.Tensor]]:
+        """Stage-specific metrics from the per-token losses; the base module adds none.
+
+        A value may come as ``(value, weight)``: epoch averages then weight it by ``weight`` (e.g. the number of
+        tokens it was measured on) instead of the batch size. A weight of 0 means "not measured here": it adds
+        nothing to an epoch average (the value must then be finite, e.g. 0) and logs NaN as a step value.
+        """
         return {}
 
     def training_step(self, batch, batch_idx):
@@ -135,12 +160,37 @@ class CausalLM(L.LightningModule):
         if self.tokenizer is not None:
             checkpoint["codetune_tokenizer"] = tokenizer_files(self.tokenizer)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint of another recipe fails here in one line rather than a page of "size mismatch" lines.
+        # (Under FSDP2 the strategy has loaded the shards already, after the same check.)
+        trainer = self._trainer
+        if trainer is None or self.model is None or "state_dict" not in checkpoint:
+            return
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            from codetune.resume import check_checkpoint_fits
 
-def tokenizer_files(tokenizer) -> dict[str, str]:
-    """The tokenizer's saved files as text, so a checkpoint alone is enough to export or evaluate."""
+            check_checkpoint_fits(
+                {k: tuple(v.shape) for k, v in self.state_dict().items()},
+                {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")},
+                trainer.ckpt_path,
+                strict=self.strict_loading,
+            )
+
+
+def tokenizer_files(tokenizer) -> dict[str, str | bytes]:
+    """The tokenizer's saved files (text, or bytes for e.g. a SentencePiece ``tokenizer.model``), so a
+    checkpoint alone is enough to export or evaluate; both types load with ``weights_only=True``."""
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+        files: dict[str, str | bytes] = {}
+        for path in sorted(Path(tmp).iterdir()):
+            if path.is_file():
+                data = path.read_bytes()
+                try:
+                    files[path.name] = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    files[path.name] = data
+        return files

@@ -1,0 +1,324 @@
+"""Resume after a crash exactly where the run stopped: RNG states per rank, atomic checkpoints, ``--ckpt_path last``.
+
+Lightning restores weights, optimizer, scheduler, loop counters and a stateful dataloader's position, but saves
+no RNG state, and writes checkpoints in place (a sharded FSDP checkpoint is a folder filled file by file). So:
+
+- :class:`RNGState` saves the Python, NumPy, torch CPU and CUDA generators of every rank with each checkpoint
+  and puts them back just before the first training step after a resume. Validation runs on a side branch of the
+  stream (the state after the last training step is put back when it ends), so how often a run validates does
+  not change its training randomness, and a checkpoint taken just before validation resumes exactly.
+- :class:`AtomicCheckpoint` (Lightning's ``ModelCheckpoint``) writes every checkpoint — a ``.ckpt`` file or a
+  sharded folder — next to its final name and renames it into place once complete, so a process killed while
+  saving leaves the previous checkpoint intact. ``ckpt_path="last"`` also finds the newest ``last`` of earlier
+  runs in the same log folder (each ``codetune fit`` logs to a new ``version_N``).
+- :func:`check_checkpoint_fits` names the first tensors whose shapes differ when a checkpoint comes from
+  another recipe, instead of a page of ``size mismatch`` lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+"""A checkpoint being written: ``last.ckpt.partial`` becomes ``last.ckpt`` only once complete."""
+PREVIOUS_SUFFIX = ".previous"
+"""A sharded checkpoint folder being replaced; put back if the run dies between the two renames."""
+
+
+# ---- RNG states ------------------------------------------------------------------------------------------------
+def collect_rng_state() -> dict[str, Any]:
+    """This process's generator states as tensors and plain Python values, so the checkpoint still loads with
+    ``torch.load(weights_only=True)`` (Lightning's own default when resuming)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back a state from :func:`collect_rng_state`."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RNGState(L.Callback):
+    """Saves every rank's RNG states in the checkpoint and restores them on resume (Lightning saves none).
+
+    The state saved is the one after the last training step; it is put back just before the first training step
+    of the resumed run, so whatever Lightning runs in between on resume (loading, a sanity check, new DataLoader
+    iterators) cannot shift it. Exact as long as the training DataLoader draws its shuffling and worker seeds
+    from its own ``generator`` (codetune's data module does): a loader without one takes a seed from the global
+    generator at every new epoch, which a resumed run does at different moments.
+    """
+
+    def __init__(self) -> None:
+        self._after_step: dict[str, Any] | None = None
+        self._before_first_step: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "RNGState"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The state the next training step starts from; checkpoints save this one (see on_validation_end).
+        self._after_step = collect_rng_state()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Validation draws too (its DataLoader iterator takes a seed from the global generator); undoing that
+        # keeps the training stream independent of validation, so a checkpoint saved before it resumes exactly.
+        if trainer.state.fn == TrainerFn.FITTING and self._after_step is not None:
+            set_rng_state(self._after_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = self._after_step or collect_rng_state()
+        return {"world_size": _world_size(), "states": _gather(mine)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_world = int(state_dict["world_size"])
+        if saved_world != _world_size():
+            log.warning(
+                "checkpoint RNG states are from %d processes, this run has %d: randomness (dropout, FIM, "
+                "sampling) will not continue the interrupted run exactly",
+                saved_world,
+                _world_size(),
+            )
+            return
+        self._before_first_step = state_dict["states"][_rank()]
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            log.warning("the checkpoint has no RNG states (not written by codetune): randomness will differ")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._before_first_step is not None:
+            set_rng_state(self._before_first_step)
+            self._before_first_step = None
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _gather(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's state, in rank order, on every rank (only rank 0 writes the checkpoint's non-tensor part)."""
+    if not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+# ---- atomic checkpoints ----------------------------------------------------------------------------------------
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose writes are atomic, and whose ``last`` survives a new run version.
+
+    Every checkpoint is written to ``<name>.partial`` and renamed to ``<name>`` when complete. A file replaces
+    its predecessor in one ``os.replace``; a sharded folder cannot, so the old folder is first renamed to
+    ``<name>.previous`` and removed after the new one is in place; a run killed between the two renames gets its
+    ``.previous`` back when ``last`` is next looked up. Remote (non-local) paths are written as Lightning does.
+    """
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        if not _is_local_file_protocol(filepath):
+            return super()._save_checkpoint(trainer, filepath)
+        partial = filepath + PARTIAL_SUFFIX
+        if trainer.is_global_zero:
+            _remove(Path(partial))  # left by a save that was killed
+        trainer.strategy.barrier("AtomicCheckpoint.clean")
+        trainer.save_checkpoint(partial, self.save_weights_only)  # every rank: sharded saves are collective
+        if trainer.is_global_zero:
+            commit(Path(partial), Path(filepath))
+        trainer.strategy.barrier("AtomicCheckpoint.commit")
+        # What ModelCheckpoint._save_checkpoint records after a save, now under the final name.
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            from weakref import proxy
+
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        own_dir = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
+        if _is_local_file_protocol(str(own_dir)):
+            recover(own_dir)
+        found = super()._find_last_checkpoints(trainer)
+        if found or self.dirpath is not None or not trainer.loggers:
+            return found
+        # A new `codetune fit` logs to a new run folder (version_N, or a W&B run id): its own checkpoint folder
+        # is empty; the candidates are the `last` checkpoints of the earlier runs beside it, of which Lightning
+        # takes the newest.
+        for run in own_dir.parent.parent.iterdir() if own_dir.parent.parent.is_dir() else []:
+            checkpoints = run / "checkpoints"
+            if run == own_dir.parent or not checkpoints.is_dir():
+                continue
+            recover(checkpoints)
+            found |= {
+                os.path.normpath(p)
+                for p in checkpoints.iterdir()
+                if p.suffix == self.FILE_EXTENSION
+                and re.match(rf"^{self.CHECKPOINT_NAME_LAST}(-v\d+)?$", p.stem)
+            }
+        return found
+
+
+def commit(partial: Path, final: Path) -> None:
+    """Move a completely written checkpoint (file or folder) to its final name, atomically for files."""
+    _fsync_tree(partial)
+    if partial.is_file() and not final.is_dir():
+        os.replace(partial, final)
+    else:
+        previous = final.with_name(final.name + PREVIOUS_SUFFIX)
+        _remove(previous)
+        if final.exists() or final.is_symlink():
+            os.replace(final, previous)
+        os.replace(partial, final)
+        _remove(previous)
+    _fsync_dir(final.parent)
+
+
+def recover(folder: Path) -> None:
+    """Finish what a killed save left in ``folder``: a ``.previous`` without its successor is put back;
+    ``.partial`` leftovers stay out of the way (they never match a checkpoint name) and are replaced by the next
+    save."""
+    if not folder.is_dir():
+        return
+    for previous in folder.glob(f"*{PREVIOUS_SUFFIX}"):
+        final = previous.with_name(previous.name[: -len(PREVIOUS_SUFFIX)])
+        if not final.exists():
+            log.warning("restoring %s: the run was killed while replacing it", final)
+            try:
+                os.replace(previous, final)
+            except FileNotFoundError:  # another rank of this run got there first
+                pass
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a checkpoint's bytes to disk before it gets its final name (a rename may reach the disk first)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in [*files, *([path] if path.is_dir() else [])]:
+        _fsync(file)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    # Best effort: some filesystems refuse to open directories, or to sync what another node wrote.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- does the checkpoint fit this recipe? ----------------------------------------------------------------------
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes a checkpoint holds (LightningModule keys, e.g. ``model.model.embed_tokens.weight``),
+    read without loading the weights: a ``.ckpt`` file is memory-mapped, a sharded folder's index is read."""
+    path = Path(path)
+    reason = None
+    try:
+        if path.is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            metadata = FileSystemReader(str(path)).read_metadata()
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # unpickling, zip and metadata errors alike: name the path, not the reader
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if reason is not None:  # raised outside the handler, so the one-line report shows this message
+        raise ValueError(f"--ckpt_path {path}: not a readable checkpoint ({reason})")
+    if path.is_dir():
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        prefix = "state_dict."
+        return {
+            key[len(prefix) :]: tuple(item.size)
+            for key, item in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+        }
+    if not isinstance(raw, dict):
+        raise ValueError(f"--ckpt_path {path}: not a Lightning checkpoint (it holds a {type(raw).__name__})")
+    return {k: tuple(v.shape) for k, v in raw.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+
+
+def check_checkpoint_fits(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    where: str | Path,
+    strict: bool = True,
+) -> None:
+    """Raise one clear ``ValueError`` when a checkpoint's tensors do not fit the model this recipe builds.
+
+    Shapes must always agree; with ``strict`` (the module's ``strict_loading``) the names must too.
+    """
+    mismatched = [
+        f"{k} is {tuple(found[k])} there, {tuple(v)} here"
+        for k, v in expected.items()
+        if k in found and tuple(found[k]) != tuple(v)
+    ]
+    missing = [k for k in expected if k not in found] if strict else []
+    unexpected = [k for k in found if k not in expected] if strict else []
+    if not (mismatched or missing or unexpected):
+        return
+    if mismatched:
+        detail = f"{len(mismatched)} tensor shapes differ ({'; '.join(mismatched[:2])}{'; ...' if len(mismatched) > 2 else ''})"
+    elif missing:
+        detail = f"{len(missing)} weights of this model are not in it ({', '.join(missing[:2])}, ...)"
+    else:
+        detail = f"it has {len(unexpected)} weights this model lacks ({', '.join(unexpected[:2])}, ...)"
+    raise ValueError(
+        f"--ckpt_path {where} does not fit the model this recipe builds: {detail}; it was written by another "
+        "recipe (model, adapter or tokenizer) — resume with the recipe that wrote it, or start without --ckpt_path"
+    )
