@@ -1,0 +1,66 @@
+"""Results of the efficacy experiments: one JSON per (experiment, seed), and the experiment's section of
+docs/efficacy.md rewritten from every seed's JSON, so the numbers in the docs are exactly the scripts'."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOCS = HERE.parent.parent / "docs" / "efficacy.md"
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The exact command that produced a result, as the docs show it (run from the repository root)."""
+    return " ".join(["python", f"benchmarks/efficacy/{script}", *map(shlex.quote, argv)])
+
+
+def write_result(results_dir: Path, experiment: str, seed: int, result: dict[str, Any]) -> Path:
+    """Write ``<experiment>_seed<seed>.json``; returns its path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{experiment}_seed{seed}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_results(results_dir: Path, experiment: str) -> list[dict[str, Any]]:
+    """Every seed's result of ``experiment``, by seed."""
+    found = [json.loads(p.read_text()) for p in sorted(results_dir.glob(f"{experiment}_seed*.json"))]
+    return sorted(found, key=lambda r: r["seed"])
+
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """``mean`` for one seed, ``mean ± half-range`` for several (the spread the issue asks for); ``n/a`` for none."""
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    half = (max(values) - min(values)) / 2
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_docs(docs: Path, experiment: str, render: Callable[[], str]) -> None:
+    """Replace the text between ``experiment``'s markers in ``docs`` (append the section if it is missing)."""
+    start, end = f"<!-- efficacy:{experiment}:start -->", f"<!-- efficacy:{experiment}:end -->"
+    block = f"{start}\n{render().strip()}\n{end}"
+    text = docs.read_text() if docs.is_file() else "# Efficacy experiments\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    )
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
