@@ -100,7 +100,7 @@ def test_missing_config_file_is_a_one_line_error(capsys):
 
 def test_unknown_key_in_recipe_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(QUICKSTART.read_text().replace("max_steps: 200", "max_stepz: 200"))
+    bad.write_text(QUICKSTART.read_text().replace("max_steps: 150", "max_stepz: 150"))
     shutil.copytree(REPO / "data_modules", tmp_path.parent / "data_modules", dirs_exist_ok=True)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(bad)])
