@@ -180,7 +180,7 @@ def worker(name: str, checkpoint: str, train_tokens: int) -> dict:
     # after loading is the whole model.
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            tensor.sum()  # in place, no copy: a float() here would add its own peak
+            tensor.sum()  # reads it without a copy (a .float() here would add a peak of its own)
     peak_anon_load = sampler.stop()
     after_load, after_parts = peak_rss(), rss_parts()
     base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -257,7 +257,7 @@ def run(args: list[str], default_malloc: bool = False) -> dict:
 
     glibc raises its mmap threshold as large blocks are freed, and from then on keeps freed blocks of that size
     mapped: how much freed memory still counts as resident then varies from run to run (the QLoRA load's peak
-    moved between 81 and 209 MiB over six runs). A fixed threshold returns large blocks when they are freed, so
+    moved between 81 and 209 MiB over seven runs). A fixed threshold returns large blocks when they are freed, so
     the numbers are the memory actually live (stable to a few MiB); ``default_malloc`` measures glibc as is.
     """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:

@@ -6,8 +6,8 @@ The same work for all four: the quickstart recipe's tiny Llama (same initial wei
 (rows x seq_len token slots per optimizer step), number of optimizer steps, AdamW (the recipe's lr, betas and
 weight decay, ``torch.optim.AdamW``), warm-up + cosine schedule, gradient clipping at 1.0, fp32, SDPA attention
 and torch threads. Each runner is a fresh process on a pseudo-terminal, as a user runs it from a shell
-(progress bars draw). The runners are interleaved (a, b, c, d, a, b, c, d, ...) so load from other jobs on the
-machine hits them alike.
+(progress bars draw). The runners are interleaved (a b c d, d c b a, ...) so load from other jobs on the
+machine, even a drifting one, hits them alike; ratios are taken within each repetition.
 
 - ``codetune``: ``codetune.fit(recipe, overrides)``, i.e. ``codetune fit --config recipes/quickstart.yaml`` with
   its defaults (Rich progress bar, Throughput callback, CSV logger, atomic ``last.ckpt`` at the end); validation
@@ -25,9 +25,12 @@ optimizer steps after ``--warmup``, from the end of step ``warmup`` to the end o
 second, real meaning not padding (codetune/bare: ``token_kind != 0``; HF: ``attention_mask``; TRL padding-free:
 every position of its flattened batch).
 
-    python benchmarks/train_throughput.py                             # quickstart: seq_len 256, 8 rows/step
-    python benchmarks/train_throughput.py --seq_len 1024 --batch_size 2
-    python benchmarks/train_throughput.py --runners codetune bare --repeats 5
+    python benchmarks/train_throughput.py --threads 2 --repeats 4          # quickstart: seq_len 256, 8 rows/step
+    python benchmarks/train_throughput.py --threads 2 --repeats 4 --seq_len 1024 --batch_size 2
+    python benchmarks/train_throughput.py --runners codetune bare --repeats 8
+    python benchmarks/train_throughput.py --profile --threads 2          # py-spy: where each runner's time goes
+
+Results and their reading: docs/performance.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -92,8 +95,6 @@ class StepTimes:
         """Rates over the steps after ``warmup`` (at least 1): from the end of step ``warmup`` to the end of the
         last. ``real_tok_s`` is the whole window's (every periodic cost included); ``median_real_tok_s`` is the
         median step's, which a burst of load from other jobs moves less."""
-        import statistics
-
         n = len(self.ends)
         if not 1 <= warmup < n:
             raise RuntimeError(f"{n} steps recorded; need more than the {warmup} warm-up steps (at least 1)")
@@ -119,7 +120,7 @@ def real_tokens(batch: dict) -> int:
         return int((batch["token_kind"] != 0).sum())
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())  # TRL padding-free: one flattened row, no padding
+    return int(batch["input_ids"].numel())  # TRL padding-free: one flattened row, unpadded on CPU
 
 
 class CountingCollator:
@@ -145,10 +146,15 @@ def hf_clock(times: StepTimes):
     return Clock()
 
 
-try:  # the codetune runner adds this callback to the recipe (`--trainer.callbacks+=train_throughput.LightningClock`)
-    import lightning as _L
+def __getattr__(name: str):
+    """``train_throughput.LightningClock``, the callback the codetune runner adds to the recipe
+    (``--trainer.callbacks+=train_throughput.LightningClock``); built on first use so that the other runners'
+    processes never import Lightning (their wall time would include it)."""
+    if name != "LightningClock":
+        raise AttributeError(name)
+    import lightning as L
 
-    class LightningClock(_L.Callback):
+    class LightningClock(L.Callback):
         """Step end times and real tokens inside a codetune run."""
 
         def __init__(self) -> None:
@@ -158,8 +164,9 @@ try:  # the codetune runner adds this callback to the recipe (`--trainer.callbac
             self.times.tokens.append(real_tokens(batch))
             self.times.ends.append(time.perf_counter())
 
-except ImportError:  # pragma: no cover - lightning is a codetune dependency
-    pass
+    LightningClock.__module__ = __name__
+    globals()[name] = LightningClock
+    return LightningClock
 
 
 # ---- the runners (each in its own process) -----------------------------------------------------------------
@@ -326,10 +333,16 @@ def run_bare(s: Settings) -> dict:
     return {**times.steady(s.warmup), "final_loss": loss}
 
 
+def shifted_cross_entropy(logits, labels):
+    """Mean next-token cross-entropy: logits at t predict label t+1, -100 ignored."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
 def bare_loop(model, loader, optimizer, scheduler, steps: int, times: StepTimes) -> float:
     """Forward, mean token cross-entropy, backward, clip, AdamW step, schedule step; nothing else."""
     import torch
-    import torch.nn.functional as F
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     step, loss = 0, torch.tensor(float("nan"))
@@ -338,9 +351,7 @@ def bare_loop(model, loader, optimizer, scheduler, steps: int, times: StepTimes)
             logits = model(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
             ).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
-            )
+            loss = shifted_cross_entropy(logits, batch["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -473,8 +484,9 @@ def summarise(results: dict[str, list[dict]]) -> str:
 # Where a step's time goes, by the first of these frames found in a main-thread stack (py-spy "raw" format).
 PHASES = (  # Lightning runs forward, backward and clipping inside optimizer.step(closure): those come first
     ("backward", ("backward (torch/_tensor.py", "Accelerator.backward", "_engine_run_backward")),
-    ("loss", ("cross_entropy", "loss_utils.py")),
+    ("loss", ("cross_entropy", "loss_utils.py", "chunked_logprob")),
     ("model forward", ("modeling_llama.py",)),
+    ("loss", ("token_losses",)),  # codetune's loss lines outside the model (slicing the logits)
     ("gradient clipping", ("clip_grad_norm_", "clip_gradients")),
     ("optimizer step", ("torch/optim/",)),
     ("data loading + collate", ("torch/utils/data/", "collat", "PackedBatches")),
