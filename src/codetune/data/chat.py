@@ -15,13 +15,12 @@ the contents' own words.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from codetune.data.packing import IGNORE_INDEX
-from codetune.data.sources import Document, SkipReport, _check_on_error, _open_text, _resolve_files
+from codetune.data.sources import Document, SkipReport, _check_on_error, bad_record, jsonl_records
 
 ROLES = ("system", "user", "assistant")
 
@@ -155,50 +154,26 @@ class ChatFiles:
         self.skipped.clear()
         owner = f"ChatFiles {self.name!r}"
         yielded = 0
-        for file, display in _resolve_files(self.path, (".jsonl", ".jsonl.gz"), owner):
-            for lineno, line in self._lines(file):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    self._bad("malformed_json", where, f"malformed JSON ({err.msg}, column {err.colno})")
-                    continue
-                messages, problem = self.messages_of(record)
-                if messages is None:
-                    self._bad("bad_conversation", where, problem)
-                    continue
-                if self.id_field is not None and record.get(self.id_field) is None:
-                    self._bad("missing_id", where, f"id field {self.id_field!r} is missing")
-                    continue
-                doc_id = str(record[self.id_field]) if self.id_field else f"{display}:{lineno}"
-                yielded += 1
-                yield Document(
-                    conversation_text(messages), doc_id, self.name, {"path": str(file), "line": lineno}
-                )
+        for file, display, lineno, where, record in jsonl_records(self, owner):
+            messages, problem = self.messages_of(record)
+            if messages is None:
+                self._bad("bad_conversation", where, problem)
+                continue
+            if self.id_field is not None and record.get(self.id_field) is None:
+                self._bad("missing_id", where, f"id field {self.id_field!r} is missing")
+                continue
+            doc_id = str(record[self.id_field]) if self.id_field else f"{display}:{lineno}"
+            yielded += 1
+            yield Document(
+                conversation_text(messages), doc_id, self.name, {"path": str(file), "line": lineno}
+            )
         if yielded == 0:
             raise ValueError(
                 f"{owner}: no usable conversations in {self.path!r}; skipped: {self.skipped.summary()}"
             )
 
-    def _lines(self, file: Any) -> Iterator[tuple[int, str]]:
-        try:
-            with _open_text(file) as handle:
-                yield from enumerate(handle, start=1)
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            if self.on_error == "raise":
-                raise ValueError(
-                    f"{file}: cannot be read as UTF-8 JSON Lines ({err}); fix it or set on_error: skip"
-                ) from err
-            self.skipped.add("unreadable_file", str(file))
-
     def _bad(self, reason: str, where: str, message: str) -> None:
-        if self.on_error == "raise":
-            raise ValueError(
-                f"{where}: {message}; fix or delete the line, or set on_error: skip to skip bad lines"
-            )
-        self.skipped.add(reason, where)
+        bad_record(self, reason, where, message)
 
 
 # --- templates and masking ---------------------------------------------------------------------------

@@ -399,62 +399,72 @@ class JsonlFiles:
         _check_on_error(f"JsonlFiles {self.name!r}", self.on_error)
 
     def _bad(self, reason: str, where: str, message: str) -> None:
-        if self.on_error == "raise":
-            raise ValueError(
-                f"{where}: {message}; fix or delete the line, or set on_error: skip to skip bad lines"
-            )
-        self.skipped.add(reason, where)
-
-    def _lines(self, file: Path) -> Iterator[tuple[int, str]]:
-        """Numbered lines of one file. A file that cannot be read or decoded is an error naming it, or
-        (``on_error: skip``) its remaining lines are skipped and the file counted."""
-        try:
-            with _open_text(file) as handle:
-                yield from enumerate(handle, start=1)
-        except (OSError, EOFError, UnicodeDecodeError) as err:
-            reason = "not_utf8_file" if isinstance(err, UnicodeDecodeError) else "unreadable_file"
-            if self.on_error == "raise":
-                raise ValueError(
-                    f"{file}: cannot be read as UTF-8 JSON Lines ({err}); fix the file or set on_error: skip"
-                ) from err
-            self.skipped.add(reason, str(file))
+        bad_record(self, reason, where, message)
 
     def documents(self) -> Iterator[Document]:
         """Yield one document per usable line, file by file in sorted order."""
         self.skipped.clear()
         owner = f"JsonlFiles {self.name!r}"
         yielded = 0
-        for file, display in _resolve_files(self.path, (".jsonl", ".jsonl.gz"), owner):
-            for lineno, line in self._lines(file):
-                if not line.strip():
-                    continue
-                where = f"{file}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    self._bad("malformed_json", where, f"malformed JSON ({err.msg}, column {err.colno})")
-                    continue
-                if not isinstance(record, dict):
-                    self._bad("not_an_object", where, f"expected a JSON object, got {type(record).__name__}")
-                    continue
-                text = record.get(self.text_field)
-                if not isinstance(text, str):
-                    what = "missing" if text is None else f"a {type(text).__name__}, not a string"
-                    self._bad("missing_text", where, f"field {self.text_field!r} is {what}")
-                    continue
-                if self.id_field is not None and record.get(self.id_field) is None:
-                    self._bad("missing_id", where, f"id field {self.id_field!r} is missing")
-                    continue
-                if not text.strip():
-                    self.skipped.add("empty", where)
-                    continue
-                doc_id = str(record[self.id_field]) if self.id_field is not None else f"{display}:{lineno}"
-                yielded += 1
-                yield Document(text, doc_id, self.name, {"path": str(file), "line": lineno})
+        for file, display, lineno, where, record in jsonl_records(self, owner):
+            if not isinstance(record, dict):
+                self._bad("not_an_object", where, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            text = record.get(self.text_field)
+            if not isinstance(text, str):
+                what = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                self._bad("missing_text", where, f"field {self.text_field!r} is {what}")
+                continue
+            if self.id_field is not None and record.get(self.id_field) is None:
+                self._bad("missing_id", where, f"id field {self.id_field!r} is missing")
+                continue
+            if not text.strip():
+                self.skipped.add("empty", where)
+                continue
+            doc_id = str(record[self.id_field]) if self.id_field is not None else f"{display}:{lineno}"
+            yielded += 1
+            yield Document(text, doc_id, self.name, {"path": str(file), "line": lineno})
         if yielded == 0:
             raise ValueError(
                 f"{owner}: no usable records in {self.path!r}; skipped: {self.skipped.summary()}"
             )
+
+
+def bad_record(source: Any, reason: str, where: str, message: str) -> None:
+    """A bad JSON Lines record of ``source``: an error naming ``where``, or (``on_error: skip``) counted."""
+    if source.on_error == "raise":
+        raise ValueError(
+            f"{where}: {message}; fix or delete the line, or set on_error: skip to skip bad lines"
+        )
+    source.skipped.add(reason, where)
+
+
+def jsonl_records(source: Any, owner: str) -> Iterator[tuple[Path, str, int, str, Any]]:
+    """``(file, display, line number, "file:line", record)`` for every parseable non-blank line of the JSON Lines
+    files ``source.path`` names. Malformed lines go through :func:`bad_record`; a file that cannot be read or
+    decoded is an error naming it, or (``on_error: skip``) its remaining lines are skipped and the file counted."""
+    for file, display in _resolve_files(source.path, (".jsonl", ".jsonl.gz"), owner):
+        try:
+            with _open_text(file) as handle:
+                for lineno, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{file}:{lineno}"
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        bad_record(
+                            source, "malformed_json", where, f"malformed JSON ({err.msg}, column {err.colno})"
+                        )
+                        continue
+                    yield file, display, lineno, where, record
+        except (OSError, EOFError, UnicodeDecodeError) as err:
+            reason = "not_utf8_file" if isinstance(err, UnicodeDecodeError) else "unreadable_file"
+            if source.on_error == "raise":
+                raise ValueError(
+                    f"{file}: cannot be read as UTF-8 JSON Lines ({err}); fix the file or set on_error: skip"
+                ) from err
+            source.skipped.add(reason, str(file))
 
 
 @dataclass
