@@ -104,7 +104,7 @@ def test_long_context_pipeline_writes_results_plot_and_docs(tmp_path):
          f"--lcft-override=--data={long}"]
     )  # fmt: skip
     _check_outputs(tmp_path, "long_context")
-    assert set(result["models"]) == {"base", "lcft_theta", "linear", "yarn"}
+    assert set(result["models"]) == {"base", "continued", "lcft_theta", "linear", "yarn"}
     for entry in result["models"].values():
         assert set(entry["perplexity"]) == {"256", "512", "1024"}
         assert set(entry["retrieval"]) == {"256", "1024"}
