@@ -135,7 +135,7 @@ def infill(
     ``model`` is a path (exported folder, checkpoint or run directory, loaded as ``codetune eval`` loads it),
     a ``FitResult``, a codetune LightningModule, a ``(model, tokenizer)`` pair, or a Hugging Face model with
     ``tokenizer=``. The prompt is laid out by the training FIM code in ``format`` (PSM or SPM) with the
-    tokenizer's FIM sentinels (or ``sentinels``: ``codellama``, ``starcoder``), and generation stops at the
+    tokenizer's FIM sentinels (or ``sentinels``: ``codellama``, ``codellama-hf``, ``starcoder``), and generation stops at the
     end-of-middle sentinel, exactly as ``codetune infill`` and the infilling eval do.
     """
     from codetune.eval.infilling import generate_infills, require_sentinels

@@ -44,7 +44,7 @@ class FIMConfig:
     spm_rate: float = 0.5
     """Share of FIM-transformed documents laid out suffix-prefix-middle (the rest prefix-suffix-middle)."""
     sentinels: str | FIMSentinels = "codellama"
-    """Sentinel set: ``codellama`` (<PRE> <SUF> <MID> <EOT>), ``starcoder`` (<fim_prefix> ...), or custom strings."""
+    """Sentinel set: ``codellama`` (<PRE> <SUF> <MID> <EOT>), ``codellama-hf`` (▁<PRE> ...), ``starcoder`` (<fim_prefix> ...), or custom strings."""
     level: Literal["document", "context"] = "document"
     """``document``: transform whole documents before packing; documents cut across rows stay causal (Code Llama).
     ``context``: transform each document fragment after it is cut to fit a row (Bavarian et al. §3.2)."""

@@ -259,7 +259,7 @@ def evaluate_infilling(
         model: Exported Hugging Face model folder.
         mode: ``single-line``, ``multi-line`` or ``random-span``.
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
-        sentinels: FIM sentinel set (``codellama``, ``starcoder``); default: the one the tokenizer carries.
+        sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
         limit: Only the first ``limit`` HumanEval problems.
         per_problem: Tasks per problem (distinct gaps).
         max_new_tokens: Generation budget per infill.
@@ -336,7 +336,7 @@ def infill(
         prefix: File with the code before the gap.
         suffix: File with the code after the gap.
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
-        sentinels: FIM sentinel set (``codellama``, ``starcoder``); default: the one the tokenizer carries.
+        sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
         max_new_tokens: Generation budget for the middle.
         temperature: Sampling temperature; 0 is greedy.
         seed: Seed of the sampling.

@@ -40,6 +40,9 @@ class FIMSentinels:
 SENTINEL_SETS: dict[str, FIMSentinels] = {
     # Code Llama (Rozière et al. 2023): <EOT> ends the middle, distinct from </s>.
     "codellama": FIMSentinels(prefix="<PRE>", suffix="<SUF>", middle="<MID>", end="<EOT>"),
+    # The same four as Code Llama's released SentencePiece vocabulary spells them (codellama/CodeLlama-*-hf):
+    # the trained rows are reused instead of new ones being added.
+    "codellama-hf": FIMSentinels(prefix="▁<PRE>", suffix="▁<SUF>", middle="▁<MID>", end="▁<EOT>"),
     # StarCoder / StarCoder2 / SantaCoder: the document end token doubles as end of middle.
     "starcoder": FIMSentinels(
         prefix="<fim_prefix>",
@@ -52,7 +55,7 @@ SENTINEL_SETS: dict[str, FIMSentinels] = {
 
 
 def resolve_sentinels(sentinels: str | FIMSentinels) -> FIMSentinels:
-    """Turn a sentinel-set name (``codellama``, ``starcoder``) or a custom set into a :class:`FIMSentinels`."""
+    """Turn a sentinel-set name (``codellama``, ``codellama-hf``, ``starcoder``) or a custom set into a :class:`FIMSentinels`."""
     if isinstance(sentinels, FIMSentinels):
         return sentinels
     if isinstance(sentinels, dict):
@@ -89,7 +92,8 @@ class TokenizerSpec:
     train: TrainTokenizer | None = None
     """Train a byte-level BPE tokenizer instead of loading one."""
     sentinels: str | FIMSentinels = "codellama"
-    """FIM sentinel set: ``codellama``, ``starcoder`` or custom strings."""
+    """FIM sentinel set: ``codellama``, ``codellama-hf`` (Code Llama's released vocabulary, ``▁<PRE>`` ...),
+    ``starcoder`` or custom strings."""
     add_missing_sentinels: bool = True
     """Add sentinels the tokenizer lacks as special tokens (the model then grows new embedding rows)."""
     trust_remote_code: bool = False
@@ -130,6 +134,15 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     """Make every sentinel a single special token; return the ones that had to be added."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in sentinels.tokens() if t not in vocab]
+    if missing and all(t not in vocab for t in sentinels.tokens()):
+        # Adding fresh sentinels next to trained ones would silently throw away the base's infilling ability.
+        for name, known in SENTINEL_SETS.items():
+            if known != sentinels and all(t in vocab for t in known.tokens()):
+                raise ValueError(
+                    f"the tokenizer already carries the `{name}` FIM sentinels ({' '.join(known.tokens())}) but the "
+                    f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` (data.init_args.tokenizer "
+                    "and FIMStage's model.init_args) to reuse the trained ones"
+                )
     if missing and not add:
         raise ValueError(
             f"tokenizer lacks FIM sentinels {missing}: set `tokenizer.add_missing_sentinels: true` "

@@ -48,7 +48,7 @@ class FIMStage(CausalLM):
             optimizer: Optimizer class and arguments (``class_path`` / ``init_args``).
             scheduler: Learning-rate schedule, stepped every optimizer step.
             tokenizer: Linked from the data module's tokenizer by the CLI; not set in recipes.
-            sentinels: FIM sentinel set the data is laid out with: ``codellama``, ``starcoder`` or custom
+            sentinels: FIM sentinel set the data is laid out with: ``codellama``, ``codellama-hf``, ``starcoder`` or custom
                 strings. Must match the data module's tokenizer sentinels.
         """
         super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer)
