@@ -12,7 +12,6 @@ the code as long as it is regenerated; ``tests/test_docs.py`` fails when it was 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import importlib
@@ -24,6 +23,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from generated_page import write_or_check
 
 OUT = Path(__file__).resolve().parent / "recipe-reference.md"
 REGENERATE = "python docs/gen_recipe_reference.py"
@@ -93,18 +94,7 @@ class _Registry:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")
-    options = args.parse_args(argv)
-    text = render()
-    if options.check:
-        if not OUT.is_file() or OUT.read_text(encoding="utf-8") != text:
-            print(f"{OUT.name} is stale: run `{REGENERATE}` and commit the result", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, render, REGENERATE, __doc__.splitlines()[0], argv)
 
 
 def render() -> str:

@@ -22,7 +22,9 @@ def codellama_like(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["</s>", *HF_SPELLING], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=500,
+        special_tokens=["</s>", *HF_SPELLING],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tok.train_from_iterator([(stdlib / "textwrap.py").read_text()], trainer)
@@ -51,5 +53,7 @@ def test_codellama_hf_reuses_the_trained_sentinel_rows(codellama_like):
 
 
 def test_asking_for_the_other_spelling_is_refused_before_adding_rows(codellama_like):
-    with pytest.raises(ValueError, match=r"already carries the `codellama-hf` FIM sentinels.*sentinels: codellama-hf"):
+    with pytest.raises(
+        ValueError, match=r"already carries the `codellama-hf` FIM sentinels.*sentinels: codellama-hf"
+    ):
         build_tokenizer(TokenizerSpec(name_or_path=codellama_like, sentinels="codellama"))

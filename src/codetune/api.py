@@ -138,25 +138,14 @@ def infill(
     tokenizer's FIM sentinels (or ``sentinels``: ``codellama``, ``codellama-hf``, ``starcoder``), and generation stops at the
     end-of-middle sentinel, exactly as ``codetune infill`` and the infilling eval do.
     """
-    from codetune.eval.infilling import generate_infills, require_sentinels
+    from codetune.eval.infilling import infill_one
 
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise TypeError(
             "infill: prefix and suffix are the code text itself (str); for files use `codetune infill`"
         )
     hf_model, tok = _model_and_tokenizer(model, tokenizer)
-    chosen = require_sentinels(tok, sentinels)
-    [middle] = generate_infills(
-        hf_model,
-        tok,
-        [(prefix, suffix)],
-        format,
-        chosen,
-        max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-    )
-    return middle
+    return infill_one(hf_model, tok, prefix, suffix, format, sentinels, max_new_tokens, temperature, seed)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------

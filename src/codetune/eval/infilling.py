@@ -351,12 +351,27 @@ def infill(
     from codetune.checkpoints import load_for_inference
 
     model_obj, tokenizer = load_for_inference(model)
+    return infill_one(model_obj, tokenizer, *texts, format, sentinels, max_new_tokens, temperature, seed)
+
+
+def infill_one(
+    model: Any,
+    tokenizer: Any,
+    prefix: str,
+    suffix: str,
+    fim_format: str,
+    sentinels: str | FIMSentinels | None,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    """The middle a loaded model writes between ``prefix`` and ``suffix`` (``codetune infill`` and the API)."""
     chosen = require_sentinels(tokenizer, sentinels)
     [middle] = generate_infills(
-        model_obj,
+        model,
         tokenizer,
-        [tuple(texts)],
-        format,
+        [(prefix, suffix)],
+        fim_format,
         chosen,
         max_new_tokens,
         temperature=temperature,
