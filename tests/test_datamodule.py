@@ -485,23 +485,15 @@ def test_source_emptied_by_filters_or_curation_is_named(tokenizer_spec, tmp_path
 
 
 def test_tokenizer_without_fim_sentinels_gets_them_or_says_how(tmp_path):
-    import sysconfig
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from codetune.model.tokens import TokenizerSpec
+    from tests.corpora import byte_level_bpe
 
     # A "pretrained" tokenizer folder whose vocabulary has no FIM sentinels.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    tok = byte_level_bpe(
+        ["textwrap.py", "heapq.py"], ["<|endoftext|>"], vocab_size=600, eos_token="<|endoftext|>"
     )
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    tok.train_from_iterator([(stdlib / f).read_text() for f in ("textwrap.py", "heapq.py")], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    tok.save_pretrained(tmp_path / "tok")
     dm = make(TokenizerSpec(name_or_path=str(tmp_path / "tok")))
     vocab = dm.tokenizer.get_vocab()
     assert all(t in vocab and vocab[t] >= 600 for t in ("<PRE>", "<SUF>", "<MID>", "<EOT>"))  # added

@@ -6,9 +6,7 @@ import math
 import os
 import subprocess
 import sys
-import sysconfig
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -26,8 +24,8 @@ from codetune.data.fim import (
     unpermute_text,
 )
 from codetune.model.tokens import SENTINEL_SETS, FIMSentinels
+from tests.corpora import STDLIB, byte_level_bpe, stdlib_texts
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ["textwrap.py", "string.py", "heapq.py", "bisect.py"]
 SPECIALS = [
     "<|endoftext|>",
@@ -38,30 +36,9 @@ SPECIALS = [
 SPECIALS += ["<fim_pad>"]
 
 
-def stdlib_texts(count: int, stride: int = 7) -> dict[str, str]:
-    """Every ``stride``-th stdlib module (sorted, deterministic), read as UTF-8: real code with some non-ASCII."""
-    paths = sorted(p for p in STDLIB.rglob("*.py") if "site-packages" not in p.parts)
-    texts: dict[str, str] = {}
-    for path in paths[::stride]:
-        try:
-            texts[str(path.relative_to(STDLIB))] = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(texts) == count:
-            break
-    return texts
-
-
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A small GPT-2-style byte-level BPE (no dummy prefix), sentinels as special tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([(STDLIB / f).read_text() for f in TRAIN_FILES], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    return byte_level_bpe(TRAIN_FILES, SPECIALS, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
 def sentencepiece_style_tokenizer(style: str) -> PreTrainedTokenizerFast:
@@ -96,7 +73,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, str]:
-    return stdlib_texts(60)
+    return stdlib_texts(60, stride=7)
 
 
 def plain(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:

@@ -4,60 +4,33 @@ from __future__ import annotations
 
 import math
 import pickle
-import sysconfig
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from codetune.data.fim import FIMConfig, FIMTransform
 from codetune.data.packing import IGNORE_INDEX, PackDocument, Packer, TokenKind
 from codetune.model.tokens import SENTINEL_SETS
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_texts(count: int, stride: int = 5) -> dict[str, str]:
-    """Every ``stride``-th stdlib module (sorted, deterministic): real code, some of it non-ASCII."""
-    paths = sorted(p for p in STDLIB.rglob("*.py") if "site-packages" not in p.parts)
-    texts: dict[str, str] = {}
-    for path in paths[::stride]:
-        try:
-            texts[str(path.relative_to(STDLIB))] = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if len(texts) == count:
-            break
-    return texts
+from tests.corpora import STDLIB, byte_level_bpe, stdlib_texts
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained in the test, FIM sentinels as special tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     specials = [
         "<|endoftext|>",
         "<pad>",
         *SENTINEL_SETS["codellama"].tokens(),
         *SENTINEL_SETS["starcoder"].tokens(),
     ]
-    specials = list(dict.fromkeys(specials))
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(
-        [(STDLIB / f).read_text() for f in ["textwrap.py", "string.py", "heapq.py"]], trainer
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    files = ["textwrap.py", "string.py", "heapq.py"]
+    return byte_level_bpe(files, specials, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, str]:
-    texts = stdlib_texts(80)
+    texts = stdlib_texts(80, stride=5)
     assert any(not t.isascii() for t in texts.values())  # multi-byte characters exercise the cut rules
     return texts
 

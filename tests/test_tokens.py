@@ -1,13 +1,11 @@
 """The tokenizer builder's sentinel handling for bases that already carry FIM sentinels."""
 
-import sysconfig
-from pathlib import Path
-
 import pytest
 
 from codetune.data.fim import FIMConfig, FIMSplit, FIMTransform
 from codetune.eval.infilling import require_sentinels
 from codetune.model.tokens import SENTINEL_SETS, TokenizerSpec, build_tokenizer
+from tests.corpora import byte_level_bpe
 
 HF_SPELLING = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
 
@@ -15,22 +13,13 @@ HF_SPELLING = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]
 @pytest.fixture(scope="module")
 def codellama_like(tmp_path_factory):
     """A "released" tokenizer folder that spells the Code Llama sentinels as its SentencePiece vocabulary does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500,
-        special_tokens=["</s>", *HF_SPELLING],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    tok.train_from_iterator([(stdlib / "textwrap.py").read_text()], trainer)
     folder = tmp_path_factory.mktemp("codellama-like")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", additional_special_tokens=HF_SPELLING
+    byte_level_bpe(
+        ["textwrap.py"],
+        ["</s>", *HF_SPELLING],
+        vocab_size=500,
+        eos_token="</s>",
+        additional_special_tokens=HF_SPELLING,
     ).save_pretrained(folder)
     return str(folder)
 
