@@ -50,3 +50,19 @@ def tokenizer(tokenizer_spec, _isolated_cache):
 @pytest.fixture
 def tiny_llama():
     return dict(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """An exported Hugging Face folder: a tiny random Llama (seed 0) and the test-trained tokenizer. Read-only."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_LLAMA)
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -9,20 +9,6 @@ import pytest
 from codetune.cli import main
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tests.conftest import TINY_LLAMA
-
-    folder = tmp_path_factory.mktemp("tiny-hf")
-    cfg = dict(TINY_LLAMA)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_help_lists_every_command(capsys):
     main(["--help"])
     out = capsys.readouterr().out
@@ -30,13 +16,13 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
-def test_eval_perplexity_scores_held_out_code(hf_folder, tmp_path, capsys):
+def test_eval_perplexity_scores_held_out_code(tiny_model_dir, tmp_path, capsys):
     main(
         [
             "eval",
             "perplexity",
             "--model",
-            str(hf_folder),
+            str(tiny_model_dir),
             "--lengths",
             "[32, 64]",
             "--max_tokens",

@@ -10,7 +10,6 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,22 +27,6 @@ PROBLEMS = load_problems()
 def write_completions(path, rows):
     path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """An exported HF folder: a tiny random Llama and the test-trained tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tests.conftest import TINY_LLAMA
-
-    cfg = dict(TINY_LLAMA)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 # -- oracles ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from codetune.checkpoints import load_for_inference
 from codetune.eval import infilling
@@ -25,21 +24,6 @@ from codetune.model.tokens import SENTINEL_SETS
 
 PROBLEMS = load_problems()
 FIRST_40 = dict(list(PROBLEMS.items())[:40])
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tests.conftest import TINY_LLAMA
-
-    cfg = dict(TINY_LLAMA)
-    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tokenizer), **cfg)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-fim-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
