@@ -27,7 +27,17 @@ from heldout import (
     left_to_right_loss,
     single_line_tasks,
 )
-from report import DOCS, RESULTS, command_line, load_results, spread, table, update_docs, write_result
+from report import (
+    add_common_arguments,
+    command_line,
+    finish,
+    load_results,
+    plots_and_commands,
+    pyplot,
+    save_figure,
+    spread,
+    table,
+)
 from runs import ROOT, curve, fit_recipe, reload_run, use_cache
 
 EXPERIMENT = "fim_for_free"
@@ -102,11 +112,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Training loss curves, held-out left-to-right loss, and infilling exact match."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(17, 3.8))
     names = {"0.0": "fim_rate 0", "0.9": "fim_rate 0.9"}
     for key, entry in result["models"].items():
@@ -144,10 +150,7 @@ def plot(result: dict, path: Path) -> None:
     ax3.set_xticks(range(2), ["PSM", "SPM"])
     ax3.set(title="single-line infilling exact match", ylabel="fraction", ylim=(0, 1))
     ax3.legend()
-    fig.suptitle(f"FIM for free, seed {result['seed']}, {result['settings']['steps']} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"FIM for free, seed {result['seed']}, {result['settings']['steps']} steps", path)
 
 
 def render(results_dir: Path) -> str:
@@ -175,11 +178,7 @@ def render(results_dir: Path) -> str:
         - 1
         for r in found
     ]
-    commands = "\n".join(r["command"] for r in found)
-    plots = "\n".join(
-        f"![FIM for free, seed {r['seed']}](../benchmarks/efficacy/results/{EXPERIMENT}_seed{r['seed']}.png)"
-        for r in found
-    )
+    plots, commands = plots_and_commands(found, EXPERIMENT, "FIM for free")
     return f"""## 1. FIM for free
 
 Two tiny models (`{first["settings"]["recipe"]}`, {first["settings"]["steps"]} steps of 8 × 256 tokens) on the same
@@ -207,29 +206,20 @@ DEFAULT_STEPS = 800
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, EXPERIMENT, ROOT / "runs" / "efficacy")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per model")
     parser.add_argument("--val-every", type=int, default=200, help="validation interval in steps")
     parser.add_argument(
         "--per-file", type=int, default=4, help="single-line infilling tasks per held-out file"
     )
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "efficacy" / EXPERIMENT)
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "efficacy" / "cache")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument(
         "--measure-only", action="store_true", help="re-measure the models a previous run left in --runs"
     )
     parser.add_argument("--parallel", action="store_true", help="train the two models at once, one core each")
-    parser.add_argument("--override", action="append", default=[], help="extra recipe override (repeatable)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    result = run(args)
-    write_result(args.results, EXPERIMENT, args.seed, result)
-    plot(result, args.results / f"{EXPERIMENT}_seed{args.seed}.png")
-    update_docs(args.docs, EXPERIMENT, lambda: render(args.results))
-    return result
+    return finish(args, EXPERIMENT, run(args), plot, render)
 
 
 if __name__ == "__main__":

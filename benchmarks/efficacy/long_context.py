@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 
 from heldout import held_out_files
-from report import DOCS, RESULTS, command_line, load_results, spread, table, update_docs, write_result
+from report import (
+    add_common_arguments,
+    command_line,
+    finish,
+    load_results,
+    plots_and_commands,
+    pyplot,
+    save_figure,
+    spread,
+    table,
+)
 from runs import ROOT, curve, fit_recipe, use_cache
 
 from codetune.eval.perplexity import perplexity_by_length
@@ -127,11 +137,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Perplexity by context length, and retrieval accuracy by position at 4L, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, entry in result["models"].items():
         lengths = sorted(entry["perplexity"], key=int)
@@ -150,10 +156,7 @@ def plot(result: dict, path: Path) -> None:
         title=f"key retrieval at {4 * L} tokens", xlabel="relative position of the key", ylabel="accuracy"
     )
     ax2.set_ylim(-0.05, 1.05)
-    fig.suptitle(f"Long context, seed {result['seed']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Long context, seed {result['seed']}", path)
 
 
 def render(results_dir: Path) -> str:
@@ -175,11 +178,7 @@ def render(results_dir: Path) -> str:
         for name in first["models"]
     ]
     s = first["settings"]
-    plots = "\n".join(
-        f"![Long context, seed {r['seed']}](../benchmarks/efficacy/results/{EXPERIMENT}_seed{r['seed']}.png)"
-        for r in found
-    )
-    commands = "\n".join(r["command"] for r in found)
+    plots, commands = plots_and_commands(found, EXPERIMENT, "Long context")
     return f"""## 2. Long-context fine-tuning
 
 Base: `{s["base_recipe"]}` without FIM, {s["base_steps"]} steps at L = {L}. Each fine-tune: `{s["lcft_recipe"]}`,
@@ -208,27 +207,18 @@ def _mean(row: dict[str, float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, EXPERIMENT, ROOT / "runs" / "efficacy")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="base training steps at L")
     parser.add_argument("--lcft-steps", type=int, default=DEFAULT_LCFT_STEPS, help="fine-tuning steps at 4L")
     parser.add_argument("--samples", type=int, default=4, help="retrieval prompts per (length, position)")
     parser.add_argument("--ppl-tokens", type=int, default=65536, help="held-out tokens scored per length")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "efficacy" / EXPERIMENT)
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "efficacy" / "cache")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--override", action="append", default=[], help="extra override for every run")
     parser.add_argument("--base-override", action="append", default=[], help="extra override for the base")
     parser.add_argument(
         "--lcft-override", action="append", default=[], help="extra override for the fine-tunes"
     )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    result = run(args)
-    write_result(args.results, EXPERIMENT, args.seed, result)
-    plot(result, args.results / f"{EXPERIMENT}_seed{args.seed}.png")
-    update_docs(args.docs, EXPERIMENT, lambda: render(args.results))
-    return result
+    return finish(args, EXPERIMENT, run(args), plot, render)
 
 
 if __name__ == "__main__":

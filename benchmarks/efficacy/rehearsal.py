@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 
 from heldout import HeldOutFile, held_out_files, left_to_right_loss
-from report import DOCS, RESULTS, command_line, load_results, spread, table, update_docs, write_result
+from report import (
+    add_common_arguments,
+    command_line,
+    finish,
+    load_results,
+    plots_and_commands,
+    pyplot,
+    save_figure,
+    spread,
+    table,
+)
 from runs import ROOT, curve, fit_recipe, use_cache
 
 from codetune.data.curation import split_of
@@ -110,11 +120,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Code loss before/after each tuning, and instruction loss before/after."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, entry in result["models"].items():
         # Lines, not bars: the differences are small next to the losses themselves.
@@ -128,10 +134,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_xticks([0, 1], ["base", "after tuning"])
     ax2.set(title="instruction loss (assistant tokens)", ylabel="nats/token")
     ax1.legend()
-    fig.suptitle(f"Rehearsal, seed {result['seed']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Rehearsal, seed {result['seed']}", path)
 
 
 def render(results_dir: Path) -> str:
@@ -151,11 +154,7 @@ def render(results_dir: Path) -> str:
             spread([e["instruct_loss_before"] for _, e in entries if e["instruct_loss_before"] is not None], 4),
             spread([e["instruct_loss_after"] for _, e in entries], 4),
         ])  # fmt: skip
-    plots = "\n".join(
-        f"![Rehearsal, seed {r['seed']}](../benchmarks/efficacy/results/{EXPERIMENT}_seed{r['seed']}.png)"
-        for r in found
-    )
-    commands = "\n".join(r["command"] for r in found)
+    plots, commands = plots_and_commands(found, EXPERIMENT, "Rehearsal")
     return f"""## 3. Rehearsal
 
 Base: `{s["base_recipe"]}`, {s["base_steps"]} steps. Instruction tuning: `{s["instruct_recipe"]}`, {s["instruct_steps"]} steps
@@ -177,25 +176,16 @@ Reproduce (from the repository root; written by the script, including this secti
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser, EXPERIMENT, ROOT / "runs" / "efficacy")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="base training steps")
     parser.add_argument("--instruct-steps", type=int, default=DEFAULT_INSTRUCT_STEPS)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "efficacy" / EXPERIMENT)
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "efficacy" / "cache")
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--docs", type=Path, default=DOCS)
-    parser.add_argument("--override", action="append", default=[], help="extra override for every run")
     parser.add_argument("--base-override", action="append", default=[], help="extra override for the base")
     parser.add_argument(
         "--instruct-override", action="append", default=[], help="extra override for the tunings"
     )
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    result = run(args)
-    write_result(args.results, EXPERIMENT, args.seed, result)
-    plot(result, args.results / f"{EXPERIMENT}_seed{args.seed}.png")
-    update_docs(args.docs, EXPERIMENT, lambda: render(args.results))
-    return result
+    return finish(args, EXPERIMENT, run(args), plot, render)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ docs/efficacy.md rewritten from every seed's JSON, so the numbers in the docs ar
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -64,3 +65,54 @@ def update_docs(docs: Path, experiment: str, render: Callable[[], str]) -> None:
     )
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, experiment: str, runs_root: Path) -> None:
+    """The options every experiment has: seed, where runs, caches, results and docs go, extra overrides."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=runs_root / experiment)
+    parser.add_argument("--cache", type=Path, default=runs_root / "cache")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--override", action="append", default=[], help="extra recipe override for every run")
+
+
+def finish(
+    args: argparse.Namespace,
+    experiment: str,
+    result: dict[str, Any],
+    plot: Callable[[dict[str, Any], Path], None],
+    render: Callable[[Path], str],
+) -> dict[str, Any]:
+    """Write the seed's JSON and plot, then rewrite the experiment's docs section from every seed's JSON."""
+    write_result(args.results, experiment, args.seed, result)
+    plot(result, args.results / f"{experiment}_seed{args.seed}.png")
+    update_docs(args.docs, experiment, lambda: render(args.results))
+    return result
+
+
+def plots_and_commands(found: list[dict[str, Any]], experiment: str, title: str) -> tuple[str, str]:
+    """The docs' image lines (one plot per seed) and the commands that produced them."""
+    plots = "\n".join(
+        f"![{title}, seed {r['seed']}](../benchmarks/efficacy/results/{experiment}_seed{r['seed']}.png)"
+        for r in found
+    )
+    return plots, "\n".join(r["command"] for r in found)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, title: str, path: Path) -> None:
+    """Title, lay out, write as PNG and free ``fig``."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
