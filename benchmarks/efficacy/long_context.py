@@ -179,6 +179,7 @@ def render(results_dir: Path) -> str:
     ]
     s = first["settings"]
     plots, commands = plots_and_commands(found, EXPERIMENT, "Long context")
+    paired = _paired(found)
     return f"""## 2. Long-context fine-tuning
 
 Base: `{s["base_recipe"]}` without FIM, {s["base_steps"]} steps at L = {L}. Each fine-tune: `{s["lcft_recipe"]}`,
@@ -187,6 +188,8 @@ Base: `{s["base_recipe"]}` without FIM, {s["base_steps"]} steps at L = {L}. Each
 (length, position), greedy. Seeds: {", ".join(str(r["seed"]) for r in found)} (mean ± half-range when several).
 
 {table(["model", f"ppl @{L}", f"ppl @{2 * L}", f"ppl @{4 * L}", f"retrieval @{L} (control)", f"retrieval @{4 * L}"], rows)}
+
+{paired}
 
 Retrieval accuracy at {4 * L} tokens by relative position of the key function:
 
@@ -199,6 +202,25 @@ Reproduce (from the repository root; written by the script, including this secti
 ```
 {commands}
 ```"""
+
+
+def _paired(found: list[dict]) -> str:
+    """Within-seed comparisons: the base model differs a lot from seed to seed, the methods much less."""
+    if not all("continued" in r["models"] for r in found):
+        return "(No RoPE-unchanged control in these results, so no paired comparison.)"
+    seeds = [f"seed {r['seed']}" for r in found]
+    rows = []
+    for name in found[0]["models"]:
+        cells = []
+        for r in found:
+            ppl = r["models"][name]["perplexity"]
+            control = r["models"]["continued"]["perplexity"][str(4 * L)]
+            cells.append(f"{ppl[str(4 * L)] / control - 1:+.2%} / {ppl[str(4 * L)] / ppl[str(L)]:.3f}")
+        rows.append([LABELS[name], *cells])
+    return f"""Paired, per seed: perplexity at {4 * L} relative to the RoPE-unchanged control of the same seed (negative is
+better than the control), and perplexity at {4 * L} over perplexity at {L} (below 1: the longer context helps).
+
+{table(["model", *seeds], rows)}"""
 
 
 def _mean(row: dict[str, float]) -> float:
