@@ -67,6 +67,28 @@ def test_infill_from_memory_checkpoint_and_export_equals_the_cli_infill(run, tok
         assert codetune.infill(model, PREFIX, SUFFIX, max_new_tokens=12, **kwargs) == expected, name
 
 
+def test_codetune_infill_prints_the_middle_and_export_takes_a_bare_overwrite(run, tmp_path, capsys):
+    from codetune.cli import main
+    from codetune.eval.infilling import infill as cli_infill
+
+    _, path, _ = run
+    (tmp_path / "p.py").write_text(PREFIX)
+    (tmp_path / "s.py").write_text(SUFFIX)
+    files = ["--prefix", str(tmp_path / "p.py"), "--suffix", str(tmp_path / "s.py"), "--max_new_tokens", "12"]
+    expected = cli_infill(str(path), str(tmp_path / "p.py"), str(tmp_path / "s.py"), max_new_tokens=12)
+    capsys.readouterr()
+    main(["infill", "--model", str(path), *files])
+    assert capsys.readouterr().out == expected + "\n"
+
+    out = tmp_path / "exported"
+    main(["export", "--ckpt_path", str(path), "--out", str(out)])
+    stamp = (out / "config.json").stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="--overwrite"):  # the error names the flag ...
+        main(["export", "--ckpt_path", str(path), "--out", str(out)])
+    main(["export", "--ckpt_path", str(path), "--out", str(out), "--overwrite"])  # ... and the bare flag works
+    assert (out / "config.json").stat().st_mtime_ns != stamp
+
+
 def test_infill_in_spm_format_equals_the_cli_infill(run, tmp_path):
     _, path, result = run
     (tmp_path / "p.py").write_text(PREFIX)

@@ -41,7 +41,7 @@ def test_eval_perplexity_scores_held_out_code(tiny_model_dir, tmp_path, capsys):
     assert all(100 < p < 10 * 1100 for p in results["perplexity"].values())
 
 
-def test_eval_humaneval_scores_given_completions(tmp_path):
+def test_eval_humaneval_scores_given_completions(tmp_path, capsys):
     from codetune.eval.humaneval import load_problems
 
     problems = load_problems()
@@ -56,6 +56,7 @@ def test_eval_humaneval_scores_given_completions(tmp_path):
     )
     results = json.loads((tmp_path / "out" / "humaneval_results.json").read_text())
     assert results["scores"]["pass@1"] == 1.0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["scores"]  # also on stdout
 
 
 def test_unknown_eval_task_is_an_error(capsys):

@@ -7,6 +7,7 @@ their own, so they are typed functions parsed by jsonargparse under the same ent
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -285,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
                 rest = [
                     "--recipe" + a[len("--config") :] if a.split("=")[0] == "--config" else a for a in rest
                 ]
-            CLI(commands[command], args=rest, as_positional=False)
+            fn = commands[command]
+            target = fn.get(rest[0]) if isinstance(fn, dict) and rest else fn
+            if callable(target):
+                rest = bare_flags_as_true(target, rest)
+            _print_result(CLI(fn, args=rest, as_positional=False))
     except (ValueError, OSError) as err:
         # Bad input (a recipe value, a path, a data file) is reported in one line; the traceback helps only
         # when the bug is ours, so it is one variable away.
@@ -294,6 +299,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"codetune {command}: error: {root_cause(err)} (CODETUNE_DEBUG=1 shows the traceback)"
         ) from None
+
+
+def _print_result(result: Any) -> None:
+    """What a function command answers goes to stdout (logs go to stderr): the infilled middle, eval scores."""
+    if isinstance(result, str):
+        print(result)
+    elif isinstance(result, dict) and "scores" in result:
+        print(json.dumps(result["scores"]))
 
 
 def bare_flags_as_true(fn: Callable[..., Any], args: list[str]) -> list[str]:

@@ -198,10 +198,9 @@ def evaluate_perplexity(
         "perplexity": {str(k): v for k, v in report.perplexity.items()},
         "tokens": {str(k): v for k, v in report.tokens.items()},
     }
-    path = write_results(out_dir, "perplexity", results, [])
+    write_results(out_dir, "perplexity", results, [])
     for length in lengths:
         print(
             f"length {length:>6}: perplexity {report.perplexity[length]:.3f} over {report.tokens[length]:,} tokens"
         )
-    print(f"results: {path}")
     return results
