@@ -85,7 +85,9 @@ def test_codetune_infill_prints_the_middle_and_export_takes_a_bare_overwrite(run
     stamp = (out / "config.json").stat().st_mtime_ns
     with pytest.raises(SystemExit, match="--overwrite"):  # the error names the flag ...
         main(["export", "--ckpt_path", str(path), "--out", str(out)])
-    main(["export", "--ckpt_path", str(path), "--out", str(out), "--overwrite"])  # ... and the bare flag works
+    main(
+        ["export", "--ckpt_path", str(path), "--out", str(out), "--overwrite"]
+    )  # ... and the bare flag works
     assert (out / "config.json").stat().st_mtime_ns != stamp
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -120,6 +121,18 @@ def test_missing_corpus_path_fails_before_training(tmp_path):
         )
     message = str(exit_.value)
     assert "does-not-exist does not exist" in message and "\n" not in message
+
+
+def test_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    lines = [json.dumps({"text": f"def f{i}():\n    return {i}\n"}) for i in range(5)]
+    lines[3] = '{"text": "def broken('  # a record cut off mid-line
+    data = tmp_path / "code.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    source = f"[{{class_path: codetune.data.sources.JsonlFiles, init_args: {{path: {data}, name: code, on_error: raise}}}}]"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICKSTART), *TINY, f"--data.init_args.sources={source}"])
+    message = str(exit_.value)
+    assert f"{data}:4: malformed JSON" in message and "on_error: skip" in message and "\n" not in message
 
 
 def test_corpus_without_usable_files_fails_before_training(tmp_path):

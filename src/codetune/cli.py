@@ -325,10 +325,28 @@ def bare_flags_as_true(fn: Callable[..., Any], args: list[str]) -> list[str]:
 
 
 def root_cause(err: BaseException) -> str:
-    """The innermost error's message: jsonargparse wraps a constructor's error in union/type errors."""
-    while (err.__cause__ or err.__context__) is not None:
+    """The message worth showing from an error chain, in one line.
+
+    jsonargparse wraps a constructor's error in union/type errors, so the outermost error is rarely it. The
+    outermost error that codetune itself raised is: it names the file, key or line and what to do, and the
+    errors below it (a ``json`` decoder's internals, say) are what it explains. Without one, the innermost.
+    """
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
         err = err.__cause__ or err.__context__
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+    ours = [e for e in chain if _raised_by_codetune(e)]
+    chosen = ours[0] if ours else chain[-1]
+    return str(chosen).splitlines()[0] if str(chosen) else type(chosen).__name__
+
+
+def _raised_by_codetune(err: BaseException) -> bool:
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
 def _check_config_paths(args: list[str]) -> None:
