@@ -28,9 +28,9 @@ def test_eval_perplexity_scores_held_out_code(tiny_model_dir, tmp_path, capsys):
             "--max_tokens",
             "3000",
             "--held_out_fraction",
-            "0.2",
+            "0.5",
             "--include",
-            '["json/*.py"]',
+            '["json/*.py", "email/*.py"]',
             "--out_dir",
             str(tmp_path),
         ]
@@ -39,6 +39,21 @@ def test_eval_perplexity_scores_held_out_code(tiny_model_dir, tmp_path, capsys):
     assert set(results["perplexity"]) == {"32", "64"}
     # an untrained model is close to uniform over its vocabulary
     assert all(100 < p < 10 * 1100 for p in results["perplexity"].values())
+
+
+def test_eval_perplexity_without_held_out_files_says_so(tiny_model_dir, tmp_path):
+    args = [
+        "eval",
+        "perplexity",
+        "--model",
+        str(tiny_model_dir),
+        "--lengths",
+        "[32]",
+        "--out_dir",
+        str(tmp_path),
+    ]
+    with pytest.raises(SystemExit, match="no file of @stdlib .* is on the held-out side"):
+        main([*args, "--include", '["json/*.py"]', "--held_out_fraction", "0.0"])
 
 
 def test_eval_humaneval_scores_given_completions(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,3 +183,21 @@ def test_bad_input_is_refused_with_clear_message(model, streams, kwargs, message
     arguments = dict(streams=streams, lengths=LENGTHS) | kwargs
     with pytest.raises(ValueError, match=message):
         perplexity_by_length(model, arguments.pop("streams"), arguments.pop("lengths"), **arguments)
+
+
+def test_eval_perplexity_defaults_hold_out_the_quickstart_data_modules_validation_files():
+    """The split hashes (seed, source name, file): the defaults must be the ones data_modules/stdlib.yaml trains with."""
+    import inspect
+
+    import yaml
+
+    from codetune.data.datamodule import Split
+    from codetune.eval.perplexity import evaluate_perplexity
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "data_modules" / "stdlib.yaml").read_text())
+    defaults = {k: p.default for k, p in inspect.signature(evaluate_perplexity).parameters.items()}
+    source = data["init_args"]["sources"][0]
+    assert defaults["corpus"] == source["path"]
+    assert defaults["source_name"] == source["name"]
+    assert defaults["held_out_fraction"] == data["init_args"]["split"].get("val_fraction", Split.val_fraction)
+    assert defaults["split_seed"] == data["init_args"]["split"].get("seed", Split.seed)

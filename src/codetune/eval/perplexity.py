@@ -158,7 +158,9 @@ def evaluate_perplexity(
     lengths: list[int] = [1024, 2048, 4096],  # noqa: B006 - jsonargparse reads the default from here
     corpus: str = "@stdlib",
     include: list[str] | None = None,
-    held_out_fraction: float = 0.02,
+    source_name: str = "stdlib",
+    held_out_fraction: float = 0.05,
+    split_seed: int = 0,
     max_tokens: int | None = 200_000,
     batch_tokens: int = 8192,
     out_dir: str = "eval/perplexity",
@@ -170,8 +172,12 @@ def evaluate_perplexity(
         lengths: Context lengths in tokens, e.g. ``[1024, 2048, 4096]``.
         corpus: Folder of code files (``@stdlib``: the Python standard library).
         include: Globs of files to read (default ``**/*.py``).
-        held_out_fraction: Score only files on the validation side of the split codetune's data module makes
-            with this fraction (the data module's ``curation.val_fraction``), so training files are not scored.
+        source_name: The ``name`` the recipe gave this source; the train/validation split hashes it, so it must
+            match for the held-out files to be the ones the model never trained on.
+        held_out_fraction: Score only files on the validation side of the split the data module made with this
+            fraction (the recipe's ``data.split.val_fraction``), so training files are not scored.
+        split_seed: The recipe's ``data.split.seed``. The defaults of these three match
+            ``data_modules/stdlib.yaml``, the quickstart's data.
         max_tokens: Score at most this many tokens of text.
         batch_tokens: Tokens per forward pass.
         out_dir: Where ``perplexity_results.json`` is written.
@@ -182,19 +188,26 @@ def evaluate_perplexity(
     from codetune.eval.results import write_results
 
     lengths = _check_lengths(lengths)
-    source = CodeFiles(path=corpus, include=include or ["**/*.py"])
+    source = CodeFiles(path=corpus, include=include or ["**/*.py"], name=source_name)
     mdl, tokenizer = load_for_inference(model)
     streams = []
     for doc in source.documents():
-        if split_of(doc, held_out_fraction) == "validation":
+        if split_of(doc, held_out_fraction, split_seed) == "validation":
             streams.append(
                 tokenizer(doc.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             )
+    if not streams:
+        raise ValueError(
+            f"no file of {corpus} ({', '.join(include or ['**/*.py'])}) is on the held-out side of the split "
+            f"(source_name {source_name!r}, held_out_fraction {held_out_fraction}): widen --include or match the recipe"
+        )
     report = perplexity_by_length(mdl, streams, lengths, batch_tokens=batch_tokens, max_tokens=max_tokens)
     results = {
         "model": model,
         "corpus": corpus,
+        "source_name": source_name,
         "held_out_fraction": held_out_fraction,
+        "split_seed": split_seed,
         "perplexity": {str(k): v for k, v in report.perplexity.items()},
         "tokens": {str(k): v for k, v in report.tokens.items()},
     }
