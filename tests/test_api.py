@@ -203,3 +203,17 @@ def test_preview_returns_what_codetune_preview_writes(tmp_path):
     assert [json.loads(line) for line in ours.read_text().splitlines()] == result["rows"]
     with pytest.raises(FileNotFoundError, match="no/such.yaml does not exist"):
         codetune.preview("no/such.yaml")
+
+
+def test_eval_of_a_run_lands_in_the_run_and_in_its_exported_model_card(run, tmp_path):
+    import shutil
+
+    _, path, _ = run
+    run_dir = tmp_path / "run"
+    shutil.copytree(path.parent.parent, run_dir)
+    args = dict(lengths=[16], max_tokens=400, include=["json/*.py", "email/*.py"], held_out_fraction=0.5)
+    scores = codetune.evaluate("perplexity", str(run_dir), **args)  # no out_dir
+    written = run_dir / "eval" / "perplexity" / "perplexity_results.json"
+    assert json.loads(written.read_text())["perplexity"] == scores["perplexity"]
+    card = (codetune.export(str(run_dir), tmp_path / "exported") / "README.md").read_text()
+    assert "No evaluation results" not in card and "perplexity" in card.lower()

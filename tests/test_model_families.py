@@ -209,3 +209,29 @@ def test_missing_checkpoint_is_named_before_anything_loads(tmp_path):
         FileNotFoundError, match="last.ckpt does not exist; run the stage that writes it first"
     ):
         spec.validate()
+
+
+def test_misspelt_model_config_key_is_refused(tiny_llama):
+    from codetune.model.loader import ModelSpec
+
+    tiny_llama["num_hidden_layer"] = tiny_llama.pop("num_hidden_layers")  # the default would be 32 layers
+    with pytest.raises(ValueError, match="llama configs have no num_hidden_layer"):
+        ModelSpec(config=tiny_llama).validate()
+    # A key the architecture takes, though it stores it elsewhere (RoPE θ goes into rope_parameters), is fine,
+    ModelSpec(config={"model_type": "llama", "rope_theta": 500000.0}).validate()
+    # but it is refused for an architecture without RoPE.
+    with pytest.raises(ValueError, match="gpt_bigcode configs have no rope_theta"):
+        ModelSpec(config={"model_type": "gpt_bigcode", "rope_theta": 500000.0}).validate()
+
+
+def test_missing_local_base_is_named_before_anything_is_built(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from codetune.model.loader import ModelSpec
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="runs/a/b is no file or folder here"):
+        ModelSpec(name_or_path="runs/a/b").validate()  # two slashes: never a Hub id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="runs/quickstart is no file or folder here.*HF_HUB_OFFLINE"):
+        ModelSpec(name_or_path="runs/quickstart").validate()

@@ -125,7 +125,7 @@ def evaluate_humaneval(
     batch_size: int = 8,
     chat: bool = False,
     limit: int | None = None,
-    out_dir: str = "eval/humaneval",
+    out_dir: str | None = None,
     seed: int = 0,
     timeout: float = 3.0,
     memory_mb: int = 1024,
@@ -144,7 +144,9 @@ def evaluate_humaneval(
         batch_size: Prompts per generation batch.
         chat: Wrap each prompt in the tokenizer's chat template (instruct models) and take the reply's code.
         limit: Only the first ``limit`` tasks (quick checks); the results record how many were run.
-        out_dir: Where ``humaneval_results.json`` and ``humaneval_samples.jsonl`` are written.
+        out_dir: Where ``humaneval_results.json`` (and per-sample JSONL) go. Default: ``eval/humaneval`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/humaneval``.
         seed: Seed of the sampling.
         timeout: Wall-clock seconds per program in the sandbox.
         memory_mb: Address-space limit per program in the sandbox, in MiB.

@@ -248,7 +248,7 @@ def evaluate_infilling(
     per_problem: int = 1,
     max_new_tokens: int = 128,
     batch_size: int = 8,
-    out_dir: str = "eval/infilling",
+    out_dir: str | None = None,
     seed: int = 0,
     timeout: float = 3.0,
     workers: int | None = None,
@@ -264,7 +264,9 @@ def evaluate_infilling(
         per_problem: Tasks per problem (distinct gaps).
         max_new_tokens: Generation budget per infill.
         batch_size: Prompts per generation batch.
-        out_dir: Where ``infilling_results.json`` and ``infilling_samples.jsonl`` are written.
+        out_dir: Where ``infilling_results.json`` (and per-sample JSONL) go. Default: ``eval/infilling`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/infilling``.
         seed: Seed of the task derivation.
         timeout: Wall-clock seconds per program in the sandbox.
         workers: Parallel sandbox processes (default: one per CPU core).

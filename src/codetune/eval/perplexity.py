@@ -163,7 +163,7 @@ def evaluate_perplexity(
     split_seed: int = 0,
     max_tokens: int | None = 200_000,
     batch_tokens: int = 8192,
-    out_dir: str = "eval/perplexity",
+    out_dir: str | None = None,
 ) -> dict:
     """Perplexity of a model on held-out code at several context lengths.
 
@@ -180,7 +180,9 @@ def evaluate_perplexity(
             ``data_modules/stdlib.yaml``, the quickstart's data.
         max_tokens: Score at most this many tokens of text.
         batch_tokens: Tokens per forward pass.
-        out_dir: Where ``perplexity_results.json`` is written.
+        out_dir: Where ``perplexity_results.json`` (and per-sample JSONL) go. Default: ``eval/perplexity`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/perplexity``.
     """
     from codetune.checkpoints import load_for_inference
     from codetune.data.curation import split_of

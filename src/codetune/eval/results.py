@@ -11,14 +11,29 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def default_out_dir(model: Any, name: str) -> Path:
+    """``<run>/eval/<name>`` for a codetune run or checkpoint (where the model card looks), else ``eval/<name>``."""
+    if isinstance(model, (str, Path)):
+        from codetune.checkpoints import locate
+
+        try:
+            location = locate(model)
+        except (OSError, ValueError):
+            location = None
+        if location is not None and location.run_dir is not None:
+            return Path(location.run_dir) / "eval" / name
+    return Path("eval") / name
+
+
 def write_results(
-    out_dir: str | Path, name: str, results: dict[str, Any], records: list[dict[str, Any]]
+    out_dir: str | Path | None, name: str, results: dict[str, Any], records: list[dict[str, Any]]
 ) -> Path:
-    """Write ``{name}_results.json`` and ``{name}_samples.jsonl`` into ``out_dir``; returns the results path.
+    """Write ``{name}_results.json`` and ``{name}_samples.jsonl`` into ``out_dir`` (``None``: see
+    :func:`default_out_dir` of ``results["model"]``); returns the results path.
 
     Each file is written to a temporary name and renamed, so a crash never leaves half a results file.
     """
-    out = Path(out_dir).expanduser()
+    out = default_out_dir(results.get("model"), name) if out_dir is None else Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     samples = out / f"{name}_samples.jsonl"
     tmp = samples.with_suffix(".jsonl.tmp")

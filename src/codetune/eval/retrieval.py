@@ -209,7 +209,7 @@ def evaluate_retrieval(
     corpus: str = "@stdlib",
     max_new_tokens: int = 4,
     batch_size: int = 1,
-    out_dir: str = "eval/retrieval",
+    out_dir: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Key-retrieval accuracy of a model per (context length, relative position), greedy decoding.
@@ -222,7 +222,9 @@ def evaluate_retrieval(
         corpus: Folder of code for the context, or ``@stdlib``.
         max_new_tokens: Tokens to generate for the answer.
         batch_size: Prompts per generation batch (long prompts: keep small).
-        out_dir: Where ``retrieval_results.json`` and ``retrieval_samples.jsonl`` are written.
+        out_dir: Where ``retrieval_results.json`` (and per-sample JSONL) go. Default: ``eval/retrieval`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/retrieval``.
         seed: Seed of the values and contexts.
     """
     if not lengths or min(lengths) < 1:

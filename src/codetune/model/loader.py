@@ -17,7 +17,9 @@ multiple of 64), and the adapter is attached (:mod:`codetune.model.adapters`).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +99,10 @@ class ModelSpec:
                 )
             if self.name_or_path.startswith((".", "/", "~")) and not local.exists():
                 raise FileNotFoundError(f"model.name_or_path: {self.name_or_path} does not exist")
+            if not local.exists():
+                _check_hub_id(self.name_or_path)
+        if self.config is not None:
+            _check_config_keys(self.config)
         self.adapter.validate()
         if self.quantization is not None:
             self.quantization.validate()
@@ -155,8 +161,9 @@ def load_model(spec: ModelSpec, tokenizer=None):
                 quantization_config=bnb_config(spec.quantization),
                 device_map={"": _quantization_device(device_type)},
             )
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_or_hub(spec.name_or_path),
+        model = _from_hub(
+            AutoModelForCausalLM.from_pretrained,
+            spec.name_or_path,
             config=config,
             dtype=dtype,
             attn_implementation=attn,
@@ -211,9 +218,7 @@ def base_config(spec: ModelSpec, tokenizer=None):
         if trained.spec.rope is not None:
             apply_rope_scaling(config, trained.spec.rope)
         return config
-    return AutoConfig.from_pretrained(
-        _local_or_hub(spec.name_or_path), trust_remote_code=spec.trust_remote_code
-    )
+    return _from_hub(AutoConfig.from_pretrained, spec.name_or_path, trust_remote_code=spec.trust_remote_code)
 
 
 def fit_embeddings(
@@ -261,6 +266,51 @@ def _source_kind(spec: ModelSpec) -> Literal["config", "checkpoint", "pretrained
     if local.is_file() or (local.is_dir() and not (local / "config.json").is_file()):
         return "checkpoint"  # a .ckpt file, or a run directory (codetune.checkpoints.locate resolves it)
     return "pretrained"
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail now, before any data is built, for a ``name_or_path`` that is neither on disk nor obtainable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    missing = f"model.name_or_path: {name} is no file or folder here ({Path.cwd()})"
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise FileNotFoundError(f"{missing}; run the stage that writes it first, or fix the path")
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise FileNotFoundError(
+            f"{missing}, nor a Hub model in the local cache (HF_HUB_OFFLINE is set): run the stage that writes "
+            "it first (from this folder), or download the model"
+        )
+
+
+def _check_config_keys(values: dict[str, Any]) -> None:
+    """A misspelt ``model.config`` key would silently fall back to the architecture's default (32 layers for a
+    misspelt ``num_hidden_layers``): refuse keys the architecture's config does not know."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**values)
+    default = type(config)()
+    unknown = sorted(
+        k for k in values if k in vars(config) and k not in vars(default) and not hasattr(default, k)
+    )
+    if unknown:
+        raise ValueError(
+            f"model.config: {values['model_type']} configs have no {', '.join(unknown)}; check the spelling "
+            f"against transformers' {type(config).__name__}"
+        )
+
+
+def _from_hub(load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
+    """``load(name_or_path)``, with a Hub failure named by the recipe key that asked for it."""
+    try:
+        return load(_local_or_hub(name_or_path), **kwargs)
+    except OSError as err:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"model.name_or_path: {name_or_path} is no file or folder here ({Path.cwd()}) and the Hub did not "
+            f"provide it: {first}"
+        ) from err
 
 
 def _local_or_hub(name_or_path: str) -> str:
