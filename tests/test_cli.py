@@ -135,6 +135,17 @@ def test_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     assert f"{data}:4: malformed JSON" in message and "on_error: skip" in message and "\n" not in message
 
 
+def test_missing_relative_paths_name_the_directory_they_were_read_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in (
+        '[{path: "my-repo"}]',
+        "[{class_path: codetune.data.sources.JsonlFiles, init_args: {path: d.jsonl}}]",
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(QUICKSTART), *TINY, f"--data.init_args.sources={source}"])
+        assert f"relative to the current directory {tmp_path}" in str(exit_.value)
+
+
 def test_corpus_without_usable_files_fails_before_training(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

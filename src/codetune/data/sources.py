@@ -358,7 +358,10 @@ def _resolve_files(path: str, suffixes: tuple[str, ...], owner: str) -> list[tup
         return [(f, f.relative_to(root).as_posix()) for f in files]
     if root.is_file():
         return [(root, root.name)]
-    raise FileNotFoundError(f"{owner}: path {path!r} does not exist; give a file, a folder or a glob")
+    where = (
+        "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    )
+    raise FileNotFoundError(f"{owner}: path {path!r} does not exist{where}; give a file, a folder or a glob")
 
 
 def _open_text(path: Path) -> TextIO:
