@@ -54,6 +54,13 @@ def test_fit_from_the_command_line_writes_a_checkpoint_and_lowers_the_loss(tmp_p
     assert "val loss before" in proc.stderr and "val loss after" in proc.stderr
     assert "tok/s" in proc.stdout + proc.stderr
 
+    # `validate --ckpt_path RUN_DIR` takes the run directory, as export and eval do, and scores those weights.
+    cli = CodetuneCLI(
+        args=["validate", "--config", str(QUICKSTART), *TINY, f"--trainer.default_root_dir={tmp_path / 'v'}",
+              "--ckpt_path", str(tmp_path)]
+    )  # fmt: skip
+    assert float(cli.trainer.callback_metrics["val/loss"]) == pytest.approx(val[-1], abs=1e-4)
+
 
 def test_recipe_data_composes_from_nested_yaml_and_from_command_line(tmp_path):
     via_recipe = _cli("--config", str(QUICKSTART), *TINY)

@@ -91,6 +91,12 @@ def test_full_fine_tuning_export_loads_with_plain_transformers_and_reproduces_th
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == module.model.get_input_embeddings().weight.shape[0]
     assert config["use_cache"] is True  # training switched the KV cache off; inference wants it
+    for key in (
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):  # the ids the exported tokenizer itself names
+        assert config[key] == getattr(loaded_tokenizer, key), key
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     for sentinel in ("<PRE>", "<SUF>", "<MID>", "<EOT>"):
         assert len(loaded_tokenizer(sentinel, add_special_tokens=False)["input_ids"]) == 1

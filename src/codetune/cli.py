@@ -89,7 +89,8 @@ class CodetuneCLI(LightningCLI):
         # the checkpoint must fit it (its shapes are compared when it loads); here it only has to exist and be
         # readable, checked without reading the weights.
         if self.config.get("subcommand"):
-            check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+            config = self.config[self.config.subcommand]
+            config["ckpt_path"] = check_ckpt_path(config.get("ckpt_path"))
 
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer for both sides: the model sizes its embeddings from the data module's tokenizer.
@@ -172,18 +173,28 @@ def check_devices(trainer: Any) -> None:
         trainer.strategy = "auto"
 
 
-def check_ckpt_path(ckpt_path: Any) -> None:
+def check_ckpt_path(ckpt_path: Any) -> Any:
     """``--ckpt_path`` must exist (``last``/``best``/``hpc`` are resolved by Lightning; ``last`` before any run
-    is not an error, so a resume command can be used from the start)."""
+    is not an error, so a resume command can be used from the start). A run directory stands for its newest
+    ``last.ckpt``, as for ``codetune export`` and ``eval``; returns the checkpoint to use."""
     special = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
     if ckpt_path is None or special or "://" in str(ckpt_path):
-        return
+        return ckpt_path
     if not Path(ckpt_path).expanduser().exists():
         raise FileNotFoundError(
             f"--ckpt_path {ckpt_path}: no such checkpoint file or folder (use --ckpt_path last to resume the "
             "newest run of this recipe's default_root_dir)"
         )
-    checkpoint_shapes(Path(ckpt_path).expanduser())  # readable at all? (memory-mapped / index only: cheap)
+    from codetune.checkpoints import locate
+
+    location = locate(ckpt_path)
+    if location.kind != "checkpoint":
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: an exported model folder, not a training checkpoint; start from it with "
+            "--model.init_args.model.name_or_path instead"
+        )
+    checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
+    return str(location.path) if location.path != Path(ckpt_path).expanduser() else ckpt_path
 
 
 def _tokenizer_of(datamodule):

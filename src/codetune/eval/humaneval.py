@@ -134,7 +134,7 @@ def evaluate_humaneval(
     """HumanEval pass@k of a model (``model``) or of completions produced elsewhere (``completions``).
 
     Args:
-        model: Exported Hugging Face model folder to generate with.
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory to generate with.
         completions: JSONL file of ``{"task_id", "completion"}`` lines to score instead of generating.
         n: Samples per task when generating.
         k: The k of pass@k to report; each must be <= n.

@@ -256,7 +256,7 @@ def evaluate_infilling(
     """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
 
     Args:
-        model: Exported Hugging Face model folder.
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
         mode: ``single-line``, ``multi-line`` or ``random-span``.
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
         sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
@@ -334,7 +334,7 @@ def infill(
     Uses the same prompt layout and stopping as the infilling eval, for a quick look at a model.
 
     Args:
-        model: Exported Hugging Face model folder.
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
         prefix: File with the code before the gap.
         suffix: File with the code after the gap.
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).

@@ -215,7 +215,7 @@ def evaluate_retrieval(
     """Key-retrieval accuracy of a model per (context length, relative position), greedy decoding.
 
     Args:
-        model: Exported Hugging Face model folder.
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
         lengths: Prompt lengths in tokens.
         positions: Relative positions of the key function in the context, each in [0, 1].
         samples: Prompts per (length, position), each with its own value and context.

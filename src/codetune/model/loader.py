@@ -239,7 +239,9 @@ def fit_embeddings(
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple_of, mean_resizing=True)
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
-        if value is not None:
+        # A tokenizer without a BOS (ours, StarCoder's) must not leave the architecture's default BOS id (1 for
+        # Llama) in the exported config, where it would name some other token.
+        if value is not None or name == "bos_token_id":
             setattr(model.config, name, value)
             if model.generation_config is not None:
                 setattr(model.generation_config, name, value)
