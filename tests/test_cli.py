@@ -172,3 +172,28 @@ def test_corpus_without_usable_files_fails_before_training(tmp_path):
     message = str(exit_.value)
     assert "no usable files" in message and "binary=1" in message and "empty=1" in message
     assert not (tmp_path / "lightning_logs" / "version_0" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_instruct_summary_shows_the_loss_of_each_mix_source_before_and_after(tmp_path, capsys, monkeypatch):
+    import re
+
+    from tests.conftest import TINY_LLAMA
+
+    monkeypatch.chdir(REPO)  # the recipe's demo data paths are relative to the repository root
+    model = json.dumps({"name_or_path": None, "config": TINY_LLAMA})
+    CodetuneCLI(
+        args=["fit", "--config", str(REPO / "recipes" / "tiny-instruct.yaml"), f"--model.init_args.model={model}",
+              "--trainer.max_steps=4", "--data.init_args.seq_len=256",
+              "--data.init_args.tokenizer.train.max_files=60", "--data.init_args.tokenizer.train.vocab_size=1024",
+              f"--trainer.default_root_dir={tmp_path}"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    rows = {
+        m[0]: (float(m[1]), float(m[2]))
+        for m in re.findall(r"val loss (\w+)\s*│\s*([\d.]+) -> ([\d.]+)", err)
+    }
+    assert set(rows) == {"instruct", "code", "nl"}, err[-2000:]
+    assert (
+        rows["instruct"][1] < rows["instruct"][0]
+    )  # four steps on the instructions already lower their loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -39,6 +40,10 @@ class CodetuneCLI(LightningCLI):
 
         self.initial_val_loss: float | None = None
         self.final_val_loss: float | None = None
+        self.initial_val_losses: dict[
+            str, float
+        ] = {}  # per source / kind (val/loss/<name>), when the stage logs them
+        self.final_val_losses: dict[str, float] = {}
         self.fit_seconds: float = 0.0
         super().__init__(
             CausalLM,
@@ -103,15 +108,14 @@ class CodetuneCLI(LightningCLI):
         # A resumed run's "before" is the checkpoint, not the freshly built model: no validation of the latter.
         if self.trainer.limit_val_batches != 0 and not resuming:
             metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-            self.initial_val_loss = _val_loss(metrics)
+            self.initial_val_loss, self.initial_val_losses = _val_loss(metrics), _val_losses(metrics)
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_started
         if self.trainer.limit_val_batches != 0:
-            self.final_val_loss = _val_loss(
-                self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-            )
+            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self.final_val_loss, self.final_val_losses = _val_loss(metrics), _val_losses(metrics)
         run_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
         if self.trainer.is_global_zero:
             print_summary(self, run_dir)
@@ -205,6 +209,13 @@ def _val_loss(metrics: list[dict[str, float]]) -> float | None:
     return float(metrics[0]["val/loss"]) if metrics and "val/loss" in metrics[0] else None
 
 
+def _val_losses(metrics: list[dict[str, float]]) -> dict[str, float]:
+    prefix = "val/loss/"
+    return {
+        k[len(prefix) :]: float(v) for k, v in (metrics[0] if metrics else {}).items() if k.startswith(prefix)
+    }
+
+
 def checkpoint_path(trainer) -> str | None:
     """The newest checkpoint this run wrote (``last`` if kept)."""
     cb = trainer.checkpoint_callback
@@ -231,6 +242,15 @@ def print_summary(cli: CodetuneCLI, run_dir: str | None = None) -> None:
         table.add_row("val loss before", f"{cli.initial_val_loss:.4f}")
     if cli.final_val_loss is not None:
         table.add_row("val loss after", f"{cli.final_val_loss:.4f}")
+    # The overall loss mixes sources: instruction tuning can lower the instruction loss while the code loss rises,
+    # and only the parts say which happened.
+    for name, after in cli.final_val_losses.items():
+        if not math.isfinite(after):  # nothing of this source in the batches validated
+            continue
+        before = cli.initial_val_losses.get(name)
+        table.add_row(
+            f"  val loss {name}", (f"{before:.4f} -> " if before is not None else "") + f"{after:.4f}"
+        )
     table.add_row("checkpoint", str(checkpoint_path(trainer)))
     table.add_row("run dir", str(run_dir if run_dir is not None else trainer.log_dir))
     Console(stderr=True).print(table)

@@ -355,12 +355,9 @@ def _from_training_checkpoint(path: str, tokenizer, attn: str) -> tuple[Any, int
     model = merge_adapters(model)
     if attn != model.config._attn_implementation:
         model.set_attn_implementation(attn)
-    log.info(
-        "continuing from %s (step %s, %s adapter merged)",
-        location.path,
-        trained.global_step,
-        base.adapter.method,
-    )
+    method = base.adapter.method
+    how = "all weights trained" if method == "full" else f"{method} adapter merged"
+    log.info("continuing from %s (step %s, %s)", location.path, trained.global_step, how)
     return model, len(trained.tokenizer)
 
 
