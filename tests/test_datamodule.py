@@ -502,3 +502,14 @@ def test_tokenizer_without_fim_sentinels_gets_them_or_says_how(tmp_path):
     assert TokenKind.FIM_MIDDLE in kinds  # FIM works with the added sentinels
     with pytest.raises(ValueError, match="lacks FIM sentinels.*add_missing_sentinels: true"):
         make(TokenizerSpec(name_or_path=str(tmp_path / "tok"), add_missing_sentinels=False))
+
+
+def test_each_trainer_call_prepares_data_but_it_is_built_and_reported_once(tokenizer_spec, caplog):
+    import logging
+
+    dm = make(tokenizer_spec)
+    with caplog.at_level(logging.INFO, logger="codetune.data.datamodule"):
+        for _ in range(2):  # validate (the summary's "before"), then fit
+            dm.prepare_data()
+            dm.setup("fit")
+    assert sum(r.getMessage().startswith("data:") for r in caplog.records) == 1

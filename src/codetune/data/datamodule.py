@@ -389,8 +389,9 @@ class CodeDataModule(L.LightningDataModule):
         return rows
 
     def prepare_data(self) -> None:
-        """Build the caches once per node (Lightning calls this on local rank 0 before ``setup``)."""
-        if not self.streaming:
+        """Build the caches once per node (Lightning calls this on local rank 0 before ``setup``, and again for each
+        Trainer call: ``fit`` after the summary's opening ``validate``)."""
+        if not self.streaming and self.train_rows is None:
             self._build_packed()
 
     def setup(self, stage: str | None = None) -> None:
