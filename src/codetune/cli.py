@@ -231,6 +231,8 @@ def print_summary(cli: CodetuneCLI, run_dir: str | None = None) -> None:
     trainer = cli.trainer
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     table = Table(title="codetune fit: summary", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # paths are for copying: wrapped whole, never cut to "…"
     table.add_row("steps", str(trainer.global_step))
     table.add_row("time", f"{cli.fit_seconds:.1f} s")
     if throughput is not None and throughput.train_seconds > 0:
