@@ -40,9 +40,8 @@ class CodetuneCLI(LightningCLI):
 
         self.initial_val_loss: float | None = None
         self.final_val_loss: float | None = None
-        self.initial_val_losses: dict[
-            str, float
-        ] = {}  # per source / kind (val/loss/<name>), when the stage logs them
+        # Per source (val/loss/<name>), when the stage logs them.
+        self.initial_val_losses: dict[str, float] = {}
         self.final_val_losses: dict[str, float] = {}
         self.fit_seconds: float = 0.0
         super().__init__(
