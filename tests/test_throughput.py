@@ -122,3 +122,15 @@ def test_mfu_is_model_flops_over_peak(tmp_path, monkeypatch):
     expected = flops_per_token(trainer.lightning_module.model, SEQ) * tokens_per_s / peak
     assert throughput.mfu == pytest.approx(expected, rel=1e-6)
     assert float(trainer.callback_metrics["mfu"]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_progress_bar_labels_a_step_bounded_run_without_a_negative_epoch_count():
+    from types import SimpleNamespace
+
+    from codetune.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"

@@ -8,6 +8,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (NVIDIA data sheets, without sparsity). Lightning's own table
 # lists H200 at its sparse figure and misses device names such as "NVIDIA H200", hence this short one.
@@ -68,6 +69,17 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
         getattr(config, "hidden_size", 0) // heads if heads else 0
     )
     return 4 * total + 2 * trained + 12 * layers * heads * head_dim * seq_len
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without its "Epoch 0/-2" label when the run is bounded by steps."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if (
+            self.trainer.max_epochs is not None and self.trainer.max_epochs < 0
+        ):  # unbounded: max_steps decides
+            return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
 
 
 class Throughput(L.Callback):

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 import codetune.model.sharding  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
-from codetune.callbacks import Throughput
+from codetune.callbacks import ProgressBar, Throughput
 from codetune.resume import AtomicCheckpoint, RNGState, checkpoint_shapes
 
 RECIPE_COMMANDS = ("fit", "validate", "test")
@@ -56,7 +56,7 @@ class CodetuneCLI(LightningCLI):
                 "default_root_dir": "runs",
                 # Checkpoints are written atomically and carry every rank's RNG states (codetune.resume).
                 "callbacks": [
-                    RichProgressBar(leave=True),
+                    ProgressBar(leave=True),
                     Throughput(),
                     AtomicCheckpoint(save_last=True),
                     RNGState(),
