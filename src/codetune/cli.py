@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             target = fn.get(rest[0]) if isinstance(fn, dict) and rest else fn
             if callable(target):
                 rest = bare_flags_as_true(target, rest)
-            _print_result(CLI(fn, args=rest, as_positional=False))
+            _print_result(CLI(fn, args=rest, as_positional=False, prog=f"codetune {command}"))
     except (ValueError, OSError) as err:
         # Bad input (a recipe value, a path, a data file) is reported in one line; the traceback helps only
         # when the bug is ours, so it is one variable away.
