@@ -201,7 +201,7 @@ Reproduce (from the repository root; written by the script, including this secti
 ```"""
 
 
-DEFAULT_STEPS = 800
+DEFAULT_STEPS = 2400
 
 
 def main(argv: list[str] | None = None) -> dict:
