@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,13 +83,12 @@ def test_codetune_infill_prints_the_middle_and_export_takes_a_bare_overwrite(run
 
     out = tmp_path / "exported"
     main(["export", "--ckpt_path", str(path), "--out", str(out)])
-    stamp = (out / "config.json").stat().st_mtime_ns
+    (out / "marker").write_text("from the first export")
     with pytest.raises(SystemExit, match="--overwrite"):  # the error names the flag ...
         main(["export", "--ckpt_path", str(path), "--out", str(out)])
-    main(
-        ["export", "--ckpt_path", str(path), "--out", str(out), "--overwrite"]
-    )  # ... and the bare flag works
-    assert (out / "config.json").stat().st_mtime_ns != stamp
+    # ... and the bare flag works
+    main(["export", "--ckpt_path", str(path), "--out", str(out), "--overwrite"])
+    assert (out / "config.json").is_file() and not (out / "marker").exists()  # replaced whole
 
 
 def test_infill_in_spm_format_equals_the_cli_infill(run, tmp_path):
@@ -216,4 +216,10 @@ def test_eval_of_a_run_lands_in_the_run_and_in_its_exported_model_card(run, tmp_
     written = run_dir / "eval" / "perplexity" / "perplexity_results.json"
     assert json.loads(written.read_text())["perplexity"] == scores["perplexity"]
     card = (codetune.export(str(run_dir), tmp_path / "exported") / "README.md").read_text()
-    assert "No evaluation results" not in card and "perplexity" in card.lower()
+    value = f"{scores['perplexity']['16']:.4g}"
+    assert f"| perplexity | perplexity@16 | {value} | scored last.ckpt |" in card
+    # Training resumed after the eval (the checkpoint was rewritten): the card says the scores are of older weights.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    os.utime(ckpt, (ckpt.stat().st_atime, ckpt.stat().st_mtime + 60))
+    card = (codetune.export(str(run_dir), tmp_path / "again") / "README.md").read_text()
+    assert f"| perplexity | perplexity@16 | {value} | scored last.ckpt (rewritten since" in card

@@ -215,13 +215,21 @@ def test_misspelt_model_config_key_is_refused(tiny_llama):
     from codetune.model.loader import ModelSpec
 
     tiny_llama["num_hidden_layer"] = tiny_llama.pop("num_hidden_layers")  # the default would be 32 layers
-    with pytest.raises(ValueError, match="llama configs have no num_hidden_layer"):
+    with pytest.raises(
+        ValueError, match="num_hidden_layer: LlamaConfig has no such key; did you mean num_hidden_layers"
+    ):
         ModelSpec(config=tiny_llama).validate()
-    # A key the architecture takes, though it stores it elsewhere (RoPE θ goes into rope_parameters), is fine,
-    ModelSpec(config={"model_type": "llama", "rope_theta": 500000.0}).validate()
-    # but it is refused for an architecture without RoPE.
-    with pytest.raises(ValueError, match="gpt_bigcode configs have no rope_theta"):
-        ModelSpec(config={"model_type": "gpt_bigcode", "rope_theta": 500000.0}).validate()
+    with pytest.raises(ValueError, match="'lama' is not a transformers architecture .did you mean.*llama"):
+        ModelSpec(config={"model_type": "lama"}).validate()
+    # Keys an architecture takes though its config does not define them stay allowed: RoPE θ (stored in
+    # rope_parameters), head_dim (read by the Qwen2 and StarCoder2 attention), and keys of published configs.
+    for config in (
+        {"model_type": "llama", "rope_theta": 500000.0},
+        {"model_type": "qwen2", "head_dim": 32},
+        {"model_type": "starcoder2", "head_dim": 32, "norm_type": "layer_norm", "mlp_type": "default"},
+        {"model_type": "gpt_bigcode", "rope_theta": 500000.0},  # no RoPE here: kept, warned about
+    ):
+        ModelSpec(config=config).validate()
 
 
 def test_missing_local_base_is_named_before_anything_is_built(monkeypatch, tmp_path):
@@ -232,6 +240,10 @@ def test_missing_local_base_is_named_before_anything_is_built(monkeypatch, tmp_p
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="runs/a/b is no file or folder here"):
         ModelSpec(name_or_path="runs/a/b").validate()  # two slashes: never a Hub id
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    ModelSpec(
+        name_or_path="deepseek-ai/deepseek-coder-6.7b-base"
+    ).validate()  # may be on the Hub: not judged here
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="runs/quickstart is no file or folder here.*HF_HUB_OFFLINE"):
         ModelSpec(name_or_path="runs/quickstart").validate()

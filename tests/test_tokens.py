@@ -46,3 +46,22 @@ def test_asking_for_the_other_spelling_is_refused_before_adding_rows(codellama_l
         ValueError, match=r"already carries the `codellama-hf` FIM sentinels.*sentinels: codellama-hf"
     ):
         build_tokenizer(TokenizerSpec(name_or_path=codellama_like, sentinels="codellama"))
+
+
+def test_a_set_whose_end_token_is_the_eos_is_still_refused_next_to_another_set(tokenizer, tmp_path):
+    # The conftest tokenizer carries the Code Llama sentinels, and StarCoder's end token <|endoftext|> as its EOS.
+    assert tokenizer.eos_token == SENTINEL_SETS["starcoder"].end
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="already carries the `codellama` FIM sentinels"):
+        build_tokenizer(TokenizerSpec(name_or_path=str(tmp_path), sentinels="starcoder"))
+
+
+def test_inference_picks_the_set_a_run_added_when_the_base_has_its_own_too(codellama_like):
+    from transformers import AutoTokenizer
+
+    # A run fine-tuned a Code Llama tokenizer with the plain `codellama` spelling: both sets are now present.
+    tokenizer = AutoTokenizer.from_pretrained(codellama_like)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": SENTINEL_SETS["codellama"].tokens()}, replace_extra_special_tokens=False
+    )
+    assert require_sentinels(tokenizer, None) == SENTINEL_SETS["codellama"]

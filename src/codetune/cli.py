@@ -197,7 +197,7 @@ def check_ckpt_path(ckpt_path: Any) -> Any:
             "--model.init_args.model.name_or_path instead"
         )
     checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
-    return str(location.path) if location.path != Path(ckpt_path).expanduser() else ckpt_path
+    return str(location.path)
 
 
 def _tokenizer_of(datamodule):

@@ -498,11 +498,26 @@ def _eval_section(facts: CardFacts) -> list[str]:
     for result in facts.eval_results:
         name = result.get("benchmark") or Path(result["file"]).stem
         scores = result.get("scores") if isinstance(result.get("scores"), dict) else result
+        details = [f"{result['num_tasks']} tasks"] if "num_tasks" in result else []
+        details += _scored_checkpoint(result)
         for metric, value in scores.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and metric != "seed":
-                detail = f"{result['num_tasks']} tasks" if "num_tasks" in result else ""
-                rows.append((str(name), str(metric), f"{value:.4g}", detail, f"`{result['file']}`"))
+                rows.append(
+                    (str(name), str(metric), f"{value:.4g}", "; ".join(details), f"`{result['file']}`")
+                )
     return ["## Evaluation", "", *_table(("benchmark", "metric", "value", "", "file"), rows), ""]
+
+
+def _scored_checkpoint(result: dict[str, Any]) -> list[str]:
+    """Which checkpoint an eval scored, and whether it has been overwritten since (training resumed)."""
+    checkpoint = result.get("checkpoint")
+    if not isinstance(checkpoint, dict) or "path" not in checkpoint:
+        return []
+    path = Path(checkpoint["path"])
+    note = f"scored {path.name}"
+    if path.exists() and abs(path.stat().st_mtime - float(checkpoint.get("mtime", 0))) > 1e-3:
+        note += " (rewritten since: these scores are of earlier weights)"
+    return [note]
 
 
 def _recipe_section(facts: CardFacts) -> list[str]:

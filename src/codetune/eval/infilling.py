@@ -156,9 +156,12 @@ def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None) -> F
         if len(present) == 1:
             return SENTINEL_SETS[present[0]]
         if len(present) > 1:
-            raise ValueError(
-                f"tokenizer carries several FIM sentinel sets {present}: pick one with --sentinels"
-            )
+            # codetune adds the sentinels it trains with after the base's own vocabulary: the set with the
+            # highest ids is the one this model was fine-tuned with (e.g. `codellama` added to a Code Llama
+            # tokenizer that also has its own `codellama-hf` spelling).
+            newest = max(present, key=lambda n: min(vocab[t] for t in SENTINEL_SETS[n].tokens()))
+            log.info("tokenizer carries FIM sentinel sets %s; using %s, the one added last", present, newest)
+            return SENTINEL_SETS[newest]
         sentinels = "codellama"
     chosen = resolve_sentinels(sentinels)
     missing = [t for t in (chosen.prefix, chosen.suffix, chosen.middle, chosen.end) if t not in vocab]

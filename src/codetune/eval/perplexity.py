@@ -205,13 +205,19 @@ def evaluate_perplexity(
         )
     report = perplexity_by_length(mdl, streams, lengths, batch_tokens=batch_tokens, max_tokens=max_tokens)
     results = {
+        "benchmark": "perplexity",
         "model": model,
-        "corpus": corpus,
-        "source_name": source_name,
-        "held_out_fraction": held_out_fraction,
-        "split_seed": split_seed,
+        "scores": {f"perplexity@{k}": v for k, v in report.perplexity.items()},
         "perplexity": {str(k): v for k, v in report.perplexity.items()},
         "tokens": {str(k): v for k, v in report.tokens.items()},
+        "settings": {
+            "corpus": corpus,
+            "include": include or ["**/*.py"],
+            "source_name": source_name,
+            "held_out_fraction": held_out_fraction,
+            "split_seed": split_seed,
+            "max_tokens": max_tokens,
+        },
     }
     write_results(out_dir, "perplexity", results, [])
     for length in lengths:

@@ -11,18 +11,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def default_out_dir(model: Any, name: str) -> Path:
-    """``<run>/eval/<name>`` for a codetune run or checkpoint (where the model card looks), else ``eval/<name>``."""
-    if isinstance(model, (str, Path)):
-        from codetune.checkpoints import locate
+def _checkpoint_of(model: Any):
+    """The training checkpoint ``model`` names (a ``Location``), or None for an exported folder or other input."""
+    if not isinstance(model, (str, Path)):
+        return None
+    from codetune.checkpoints import locate
 
-        try:
-            location = locate(model)
-        except (OSError, ValueError):
-            location = None
-        if location is not None and location.run_dir is not None:
-            return Path(location.run_dir) / "eval" / name
-    return Path("eval") / name
+    try:
+        location = locate(model)
+    except (OSError, ValueError):
+        return None
+    return location if location.kind == "checkpoint" and location.run_dir is not None else None
+
+
+def default_out_dir(model: Any, name: str) -> Path:
+    """Where a run's results go when no ``out_dir`` is given: ``<run>/eval/<name>`` for its ``last`` checkpoint
+    (where the model card looks), ``<run>/eval/<checkpoint>/<name>`` for another one; else ``eval/<name>``."""
+    location = _checkpoint_of(model)
+    if location is None:
+        return Path("eval") / name
+    folder = Path(location.run_dir) / "eval"
+    return folder / name if location.path.name == "last.ckpt" else folder / location.path.stem / name
 
 
 def write_results(
@@ -34,6 +43,13 @@ def write_results(
     Each file is written to a temporary name and renamed, so a crash never leaves half a results file.
     """
     out = default_out_dir(results.get("model"), name) if out_dir is None else Path(out_dir).expanduser()
+    location = _checkpoint_of(results.get("model"))
+    if location is not None:
+        # Which weights were scored: a run's checkpoint changes when training resumes, and the model card says so.
+        results = {
+            **results,
+            "checkpoint": {"path": str(location.path), "mtime": location.path.stat().st_mtime},
+        }
     out.mkdir(parents=True, exist_ok=True)
     samples = out / f"{name}_samples.jsonl"
     tmp = samples.with_suffix(".jsonl.tmp")

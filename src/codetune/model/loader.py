@@ -100,7 +100,7 @@ class ModelSpec:
             if self.name_or_path.startswith((".", "/", "~")) and not local.exists():
                 raise FileNotFoundError(f"model.name_or_path: {self.name_or_path} does not exist")
             if not local.exists():
-                _check_hub_id(self.name_or_path)
+                _check_hub_id(self.name_or_path, self.extra)
         if self.config is not None:
             _check_config_keys(self.config)
         self.adapter.validate()
@@ -270,35 +270,57 @@ def _source_kind(spec: ModelSpec) -> Literal["config", "checkpoint", "pretrained
     return "pretrained"
 
 
-def _check_hub_id(name: str) -> None:
+def _check_hub_id(name: str, extra: dict[str, Any] | None = None) -> None:
     """Fail now, before any data is built, for a ``name_or_path`` that is neither on disk nor obtainable."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     missing = f"model.name_or_path: {name} is no file or folder here ({Path.cwd()})"
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise FileNotFoundError(f"{missing}; run the stage that writes it first, or fix the path")
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if not constants.HF_HUB_OFFLINE:
+        return
+    where = {k: (extra or {}).get(k) for k in ("revision", "cache_dir")}
+    subfolder = (extra or {}).get("subfolder")
+    filename = f"{subfolder}/config.json" if subfolder else "config.json"
+    if not isinstance(try_to_load_from_cache(name, filename, **where), str):
         raise FileNotFoundError(
-            f"{missing}, nor a Hub model in the local cache (HF_HUB_OFFLINE is set): run the stage that writes "
-            "it first (from this folder), or download the model"
+            f"{missing}, nor a Hub model in the local cache, and HF_HUB_OFFLINE is set: if it is a run folder, run "
+            "the stage that writes it first (from this folder); if it is a Hub model, download it or unset "
+            "HF_HUB_OFFLINE"
         )
 
 
 def _check_config_keys(values: dict[str, Any]) -> None:
     """A misspelt ``model.config`` key would silently fall back to the architecture's default (32 layers for a
-    misspelt ``num_hidden_layers``): refuse keys the architecture's config does not know."""
-    from transformers import AutoConfig
+    misspelt ``num_hidden_layers``). A key close to a known one is refused with the likely spelling; any other key
+    the architecture's config does not define is kept (transformers stores it, and some models read such keys,
+    e.g. ``head_dim``) with a warning."""
+    import difflib
 
-    config = AutoConfig.for_model(**values)
-    default = type(config)()
-    unknown = sorted(
-        k for k in values if k in vars(config) and k not in vars(default) and not hasattr(default, k)
-    )
-    if unknown:
+    from transformers import CONFIG_MAPPING
+
+    model_type = values["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
         raise ValueError(
-            f"model.config: {values['model_type']} configs have no {', '.join(unknown)}; check the spelling "
-            f"against transformers' {type(config).__name__}"
+            f"model.config.model_type: {model_type!r} is not a transformers architecture"
+            + (
+                f" (did you mean {', '.join(close)}?)"
+                if close
+                else " (e.g. llama, mistral, qwen2, starcoder2)"
+            )
         )
+    cls = CONFIG_MAPPING[model_type]
+    config, default = cls(**{k: v for k, v in values.items() if k != "model_type"}), cls()
+    known = set(vars(default)) | set(getattr(cls, "attribute_map", {}))
+    for key in sorted(k for k in values if k in vars(config) and k not in known and not hasattr(default, k)):
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.9)
+        if close:
+            raise ValueError(
+                f"model.config.{key}: {cls.__name__} has no such key; did you mean {close[0]}? (as written it is "
+                f"ignored and {close[0]} keeps its default)"
+            )
+        log.warning("model.config.%s is not a field of %s; transformers keeps it as given", key, cls.__name__)
 
 
 def _from_hub(load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
@@ -308,10 +330,11 @@ def _from_hub(load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any
     except OSError as err:
         if Path(name_or_path).expanduser().exists():
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # Whole, on one line: for a gated repository the advice (request access, log in) is in the later lines.
+        reason = " ".join(str(err).split()) or type(err).__name__
         raise OSError(
-            f"model.name_or_path: {name_or_path} is no file or folder here ({Path.cwd()}) and the Hub did not "
-            f"provide it: {first}"
+            f"model.name_or_path: {name_or_path} is no file or folder here ({Path.cwd()}) and loading it from the "
+            f"Hub failed: {reason}"
         ) from err
 
 

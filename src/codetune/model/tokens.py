@@ -134,7 +134,8 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     """Make every sentinel a single special token; return the ones that had to be added."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in sentinels.tokens() if t not in vocab]
-    if missing and all(t not in vocab for t in sentinels.tokens()):
+    # Only the FIM-specific three: an end token such as StarCoder's <|endoftext|> is often the tokenizer's EOS too.
+    if missing and all(t not in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle)):
         # Adding fresh sentinels next to trained ones would silently throw away the base's infilling ability.
         for name, known in SENTINEL_SETS.items():
             if known != sentinels and all(t in vocab for t in known.tokens()):
