@@ -120,6 +120,7 @@ def build_tokenizer(spec: TokenizerSpec):
         )
     if spec.name_or_path is not None:
         tokenizer = _load_pretrained(spec)
+        _check_not_another_set(tokenizer, sentinels)
     else:
         tokenizer = _trained_tokenizer(spec.train, sentinels, cache_root(spec.cache_dir))
     ensure_sentinels(tokenizer, sentinels, add=spec.add_missing_sentinels)
@@ -134,16 +135,6 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     """Make every sentinel a single special token; return the ones that had to be added."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in sentinels.tokens() if t not in vocab]
-    # Only the FIM-specific three: an end token such as StarCoder's <|endoftext|> is often the tokenizer's EOS too.
-    if missing and all(t not in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle)):
-        # Adding fresh sentinels next to trained ones would silently throw away the base's infilling ability.
-        for name, known in SENTINEL_SETS.items():
-            if known != sentinels and all(t in vocab for t in known.tokens()):
-                raise ValueError(
-                    f"the tokenizer already carries the `{name}` FIM sentinels ({' '.join(known.tokens())}) but the "
-                    f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` (data.init_args.tokenizer "
-                    "and FIMStage's model.init_args) to reuse the trained ones"
-                )
     if missing and not add:
         raise ValueError(
             f"tokenizer lacks FIM sentinels {missing}: set `tokenizer.add_missing_sentinels: true` "
@@ -154,6 +145,22 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
             {"additional_special_tokens": missing}, replace_extra_special_tokens=False
         )
     return missing
+
+
+def _check_not_another_set(tokenizer, sentinels: FIMSentinels) -> None:
+    """Refuse a recipe's sentinel set that a pretrained tokenizer lacks while it carries another known set in full:
+    adding fresh sentinels next to trained ones would silently throw away the base's infilling ability."""
+    vocab = tokenizer.get_vocab()
+    # Only the FIM-specific three: an end token such as StarCoder's <|endoftext|> is often the tokenizer's EOS too.
+    if any(t in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle)):
+        return
+    for name, known in SENTINEL_SETS.items():
+        if known != sentinels and all(t in vocab for t in known.tokens()):
+            raise ValueError(
+                f"the tokenizer already carries the `{name}` FIM sentinels ({' '.join(known.tokens())}) but the "
+                f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` (data.init_args.tokenizer "
+                "and FIMStage's model.init_args) to reuse the trained ones"
+            )
 
 
 def _load_pretrained(spec: TokenizerSpec):
