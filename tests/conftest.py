@@ -66,3 +66,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def quiet_trainer(root, **kwargs):
+    """A CPU Lightning Trainer for unit tests: no logger, checkpoints, progress bar or summary (``kwargs`` win)."""
+    import lightning as L
+
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    return L.Trainer(**{**options, **kwargs})

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from codetune.checkpoints import load_for_inference, locate, read_checkpoint
 from codetune.modules.causal import CausalLM
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, quiet_trainer
 
 CKPT = Path("lightning_logs/version_0/checkpoints/last.ckpt")
 
@@ -27,15 +26,7 @@ def fit_checkpoint(root: Path, tokenizer, model: dict, steps: int = 2, lr: float
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, len(tokenizer), (4, 24), generator=generator)
     rows = [{"input_ids": r, "labels": r, "position_ids": torch.arange(len(r))} for r in ids]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
+    trainer = quiet_trainer(root, max_steps=steps)
     trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=2))
     path = root / CKPT
     trainer.save_checkpoint(path)

@@ -14,6 +14,7 @@ from codetune.model.adapters import FAMILY_TARGETS, Adapter, resolve_target_modu
 from codetune.model.loader import ModelSpec, load_model
 from codetune.model.rope import RopeScaling
 from codetune.modules.causal import CausalLM
+from tests.conftest import quiet_trainer
 
 DECODER = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -130,15 +131,7 @@ class Rows(L.LightningDataModule):
 
 def fit(module: CausalLM, tmp_path, steps: int = 3) -> str:
     """Train ``module`` a few steps and save a checkpoint where Lightning's loggers put it."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=steps)
     vocab = len(module.tokenizer)
     trainer.fit(module, datamodule=Rows([packed_batch(vocab, seed) for seed in range(steps)]))
     path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"

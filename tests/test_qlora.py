@@ -12,6 +12,7 @@ import torch
 from codetune.model.adapters import Adapter, Quantization
 from codetune.model.loader import ModelSpec, load_model
 from codetune.model.tokens import SENTINEL_SETS, ensure_sentinels
+from tests.conftest import quiet_trainer
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -193,7 +194,6 @@ def test_qlora_gradients_after_a_validation_pass_equal_those_of_the_dequantized_
 def test_a_qlora_checkpoint_loads_weights_only_and_merges_into_the_full_precision_base(
     base_dir, tokenizer, tmp_path
 ):
-    import lightning as L
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
@@ -203,15 +203,7 @@ def test_a_qlora_checkpoint_loads_weights_only_and_merges_into_the_full_precisio
     module = CausalLM(model=spec, tokenizer=tokenizer, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     ids = torch.randint(0, BASE_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": r, "labels": r} for r in ids]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(module, train_dataloaders=DataLoader(rows, batch_size=2))
     path = tmp_path / "qlora.ckpt"
     trainer.save_checkpoint(path)

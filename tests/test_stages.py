@@ -21,6 +21,7 @@ from codetune.model.loader import ModelSpec
 from codetune.model.rope import RopeScaling
 from codetune.model.tokens import SENTINEL_SETS
 from codetune.modules import FIMStage, InstructStage, LongContextStage
+from tests.conftest import quiet_trainer
 
 PAD, PLAIN, FIM_CONTEXT, FIM_MIDDLE = 0, 1, 2, 3
 
@@ -39,18 +40,6 @@ class Batches(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=None)
-
-
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**options, **kwargs})
 
 
 def row(kinds: list[int], vocab: int, seed: int, sources: list[int] | None = None, masked=()) -> dict:
@@ -114,7 +103,7 @@ def test_fim_stage_logs_fim_plain_and_middle_metrics_weighted_by_tokens(tokenize
     vocab = len(tokenizer)
     with_fim = stack([row(k, vocab, seed) for seed, k in enumerate(FIM_ROWS)])
     plain_only = stack([row([PLAIN] * 32, vocab, 7), row([PLAIN] * 20 + [PAD] * 12, vocab, 8)])
-    metrics = trainer(tmp_path).validate(
+    metrics = quiet_trainer(tmp_path).validate(
         stage, datamodule=Batches(val=[with_fim, plain_only]), verbose=False
     )[0]
 
@@ -205,7 +194,7 @@ def test_after_the_long_context_stage_the_saved_config_carries_only_the_new_rope
     vocab = len(tokenizer)
     train = [stack([row([PLAIN] * 64, vocab, s), row([PLAIN] * 64, vocab, s + 50)]) for s in range(2)]
     val = [stack([row([PLAIN] * 64, vocab, 100)])]
-    trainer(tmp_path, max_steps=2, num_sanity_val_steps=0).fit(stage, datamodule=Batches(train, val))
+    quiet_trainer(tmp_path, max_steps=2, num_sanity_val_steps=0).fit(stage, datamodule=Batches(train, val))
 
     model = stage.model.merge_and_unload() if method == "lora" else stage.model
     model.save_pretrained(tmp_path / "export")
@@ -229,7 +218,7 @@ def test_long_context_stage_logs_perplexity_of_the_held_out_tokens_at_each_lengt
         stack([row([PLAIN] * 40 + [PAD] * 8, vocab, 1), row([PLAIN] * 48, vocab, 2)]),
         stack([row([PLAIN] * 30 + [PAD] * 18, vocab, 3)]),
     ]
-    metrics = trainer(tmp_path).validate(stage, datamodule=Batches(val=val), verbose=False)[0]
+    metrics = quiet_trainer(tmp_path).validate(stage, datamodule=Batches(val=val), verbose=False)[0]
 
     # the held-out stream: every non-pad token of the validation batches, in order (118 tokens); each length
     # scores the same first 64 (a multiple of the longest length, 4 x 16)
@@ -252,7 +241,7 @@ def test_long_context_validation_without_enough_tokens_says_what_to_change(token
     )
     val = [stack([row([PLAIN] * 32, len(tokenizer), 1)])]
     with pytest.raises(ValueError, match="needs at least 256 held-out tokens"):
-        trainer(tmp_path).validate(stage, datamodule=Batches(val=val), verbose=False)
+        quiet_trainer(tmp_path).validate(stage, datamodule=Batches(val=val), verbose=False)
 
 
 # ---- instruct -------------------------------------------------------------------------------------------------
@@ -275,7 +264,7 @@ def test_instruct_stage_logs_loss_per_mix_source_over_response_tokens(tokenizer,
             ]
         ),
     ]
-    metrics = trainer(tmp_path).validate(
+    metrics = quiet_trainer(tmp_path).validate(
         stage, datamodule=Batches(val=batches, source_names=names), verbose=False
     )[0]
 
@@ -290,7 +279,7 @@ def test_instruct_stage_logs_loss_per_mix_source_over_response_tokens(tokenizer,
 def test_instruct_stage_names_sources_by_index_without_a_data_module_list(tokenizer, tiny_llama, tmp_path):
     stage = InstructStage(model=ModelSpec(config=tiny_llama), tokenizer=tokenizer)
     batch = stack([row([PLAIN] * 16, len(tokenizer), 1, sources=[0] * 8 + [1] * 8)])
-    metrics = trainer(tmp_path).validate(stage, datamodule=Batches(val=[batch]), verbose=False)[0]
+    metrics = quiet_trainer(tmp_path).validate(stage, datamodule=Batches(val=[batch]), verbose=False)[0]
     assert "val/loss/source0" in metrics and "val/loss/source1" in metrics
 
 

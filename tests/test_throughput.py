@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from codetune import callbacks
 from codetune.callbacks import Throughput, flops_per_token, gpu_chip, peak_flops
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, quiet_trainer
 
 SEQ = 32
 
@@ -89,16 +89,7 @@ def _fit(tmp_path, throughput: Throughput) -> L.Trainer:
     from codetune.modules.causal import CausalLM
 
     module = CausalLM(model=ModelSpec(config=dict(TINY_LLAMA, vocab_size=256), attn_implementation="eager"))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[throughput],
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=3, callbacks=[throughput])
     trainer.fit(module, datamodule=_Rows())
     return trainer
 
