@@ -177,6 +177,12 @@ class CausalLM(L.LightningModule):
             )
 
 
+def masked_mean(values: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` over ``selected`` and how many were selected: an ``extra_metrics`` value with its weight."""
+    count = selected.sum()
+    return (values * selected).sum() / count.clamp(min=1), count
+
+
 def tokenizer_files(tokenizer) -> dict[str, str | bytes]:
     """The tokenizer's saved files (text, or bytes for e.g. a SentencePiece ``tokenizer.model``), so a
     checkpoint alone is enough to export or evaluate; both types load with ``weights_only=True``."""

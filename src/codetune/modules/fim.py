@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from codetune.model.loader import ModelSpec
 from codetune.model.tokens import FIMSentinels, ensure_sentinels, resolve_sentinels
-from codetune.modules.causal import CausalLM
+from codetune.modules.causal import CausalLM, masked_mean
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,7 @@ class FIMStage(CausalLM):
             "loss_plain": mask & (kind == PLAIN),
             "loss_middle": mask & (kind == FIM_MIDDLE),
         }
-        metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, selected in selections.items():
-            count = selected.sum()
-            metrics[name] = ((losses * selected).sum() / count.clamp(min=1), count)
-        middle = selections["loss_middle"]
-        correct = (logits[:, :-1].argmax(-1) == targets) & middle
-        metrics["middle_acc"] = (correct.sum() / middle.sum().clamp(min=1), middle.sum())
+        metrics = {name: masked_mean(losses, selected) for name, selected in selections.items()}
+        correct = (logits[:, :-1].argmax(-1) == targets).float()
+        metrics["middle_acc"] = masked_mean(correct, selections["loss_middle"])
         return metrics

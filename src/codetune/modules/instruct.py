@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from codetune.modules.causal import CausalLM
+from codetune.modules.causal import CausalLM, masked_mean
 
 
 class InstructStage(CausalLM):
@@ -38,10 +38,8 @@ class InstructStage(CausalLM):
         metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Every known source is reported on every batch (weight 0 when absent), so ranks log the same keys.
         for index in range(max(len(names), present)):
-            selected = mask & (source == index)
-            count = selected.sum()
             name = names[index] if index < len(names) else f"source{index}"
-            metrics[f"loss/{name}"] = ((losses * selected).sum() / count.clamp(min=1), count)
+            metrics[f"loss/{name}"] = masked_mean(losses, mask & (source == index))
         real = batch["token_kind"][:, 1:] != 0 if "token_kind" in batch else source >= 0
-        metrics["target_fraction"] = (mask.sum() / real.sum().clamp(min=1), real.sum())
+        metrics["target_fraction"] = masked_mean(mask.float(), real)
         return metrics
