@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,10 +29,10 @@ from heldout import (
 from report import (
     add_common_arguments,
     command_line,
-    finish,
     load_results,
     plots_and_commands,
     pyplot,
+    run_experiment,
     save_figure,
     spread,
     table,
@@ -217,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--measure-only", action="store_true", help="re-measure the models a previous run left in --runs"
     )
     parser.add_argument("--parallel", action="store_true", help="train the two models at once, one core each")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return finish(args, EXPERIMENT, run(args), plot, render)
+    return run_experiment(parser, argv, EXPERIMENT, run, plot, render)
 
 
 if __name__ == "__main__":

@@ -15,29 +15,28 @@ Writes results/long_context_seed<S>.json and .png and the experiment's section o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from heldout import held_out_files
 from report import (
+    add_base_arguments,
     add_common_arguments,
     command_line,
-    finish,
     load_results,
     plots_and_commands,
     pyplot,
+    run_experiment,
     save_figure,
     spread,
     table,
 )
-from runs import ROOT, curve, fit_recipe, use_cache
+from runs import BASE_RECIPE, ROOT, curve, fit_base, fit_recipe, use_cache
 
 from codetune.eval.perplexity import perplexity_by_length
 from codetune.eval.retrieval import DEFAULT_POSITIONS, load_corpus, run_retrieval
 
 EXPERIMENT = "long_context"
-BASE_RECIPE = "recipes/quickstart.yaml"
 LCFT_RECIPE = "recipes/tiny-lcft.yaml"
 L = 256  # the quickstart's row length
 DEFAULT_STEPS, DEFAULT_LCFT_STEPS = 300, 60
@@ -88,13 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     use_cache(args.cache)
     runs = args.runs / f"seed{args.seed}"
     started = time.monotonic()
-    base = fit_recipe(
-        BASE_RECIPE,
-        runs / "base",
-        args.seed,
-        [*args.override, *args.base_override, f"--trainer.max_steps={args.steps}",
-         f"--trainer.val_check_interval={args.steps}", "--data.init_args.fim=null"],
-    )  # fmt: skip
+    base = fit_base(args, ["--data.init_args.fim=null"])
     tokenizer = base.datamodule.tokenizer
     files = held_out_files(base.datamodule, "stdlib")
     streams = [
@@ -230,17 +223,14 @@ def _mean(row: dict[str, float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, EXPERIMENT, ROOT / "runs" / "efficacy")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="base training steps at L")
+    add_base_arguments(parser, DEFAULT_STEPS, " at L")
     parser.add_argument("--lcft-steps", type=int, default=DEFAULT_LCFT_STEPS, help="fine-tuning steps at 4L")
     parser.add_argument("--samples", type=int, default=4, help="retrieval prompts per (length, position)")
     parser.add_argument("--ppl-tokens", type=int, default=65536, help="held-out tokens scored per length")
-    parser.add_argument("--base-override", action="append", default=[], help="extra override for the base")
     parser.add_argument(
         "--lcft-override", action="append", default=[], help="extra override for the fine-tunes"
     )
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return finish(args, EXPERIMENT, run(args), plot, render)
+    return run_experiment(parser, argv, EXPERIMENT, run, plot, render)
 
 
 if __name__ == "__main__":

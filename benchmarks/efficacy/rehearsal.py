@@ -15,28 +15,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from heldout import HeldOutFile, held_out_files, left_to_right_loss
 from report import (
+    add_base_arguments,
     add_common_arguments,
     command_line,
-    finish,
     load_results,
     plots_and_commands,
     pyplot,
+    run_experiment,
     save_figure,
     spread,
     table,
 )
-from runs import ROOT, curve, fit_recipe, use_cache
+from runs import BASE_RECIPE, ROOT, curve, fit_base, fit_recipe, use_cache
 
 from codetune.data.curation import split_of
 
 EXPERIMENT = "rehearsal"
-BASE_RECIPE = "recipes/quickstart.yaml"
 INSTRUCT_RECIPE = "recipes/tiny-instruct.yaml"
 DEFAULT_STEPS, DEFAULT_INSTRUCT_STEPS = 400, 60
 MIXES = {
@@ -58,17 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     """Train the base, tune it with and without rehearsal, measure; returns the result written to JSON."""
     use_cache(args.cache)
     runs = args.runs / f"seed{args.seed}"
-    base = fit_recipe(
-        BASE_RECIPE,
-        runs / "base",
-        args.seed,
-        [
-            *args.override,
-            *args.base_override,
-            f"--trainer.max_steps={args.steps}",
-            f"--trainer.val_check_interval={args.steps}",
-        ],
-    )
+    base = fit_base(args)
     tokenizer, seq_len = base.datamodule.tokenizer, base.datamodule.seq_len
     base_held_out = held_out_files(base.datamodule, "stdlib")
     models: dict[str, dict] = {}
@@ -177,15 +166,12 @@ Reproduce (from the repository root; written by the script, including this secti
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, EXPERIMENT, ROOT / "runs" / "efficacy")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="base training steps")
+    add_base_arguments(parser, DEFAULT_STEPS, "")
     parser.add_argument("--instruct-steps", type=int, default=DEFAULT_INSTRUCT_STEPS)
-    parser.add_argument("--base-override", action="append", default=[], help="extra override for the base")
     parser.add_argument(
         "--instruct-override", action="append", default=[], help="extra override for the tunings"
     )
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return finish(args, EXPERIMENT, run(args), plot, render)
+    return run_experiment(parser, argv, EXPERIMENT, run, plot, render)
 
 
 if __name__ == "__main__":

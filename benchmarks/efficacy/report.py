@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,25 @@ def add_common_arguments(parser: argparse.ArgumentParser, experiment: str, runs_
     parser.add_argument("--override", action="append", default=[], help="extra recipe override for every run")
 
 
-def finish(
-    args: argparse.Namespace,
+def add_base_arguments(parser: argparse.ArgumentParser, default_steps: int, what: str) -> None:
+    """The options of an experiment that first trains a base model with the quickstart recipe."""
+    parser.add_argument("--steps", type=int, default=default_steps, help=f"base training steps{what}")
+    parser.add_argument("--base-override", action="append", default=[], help="extra override for the base")
+
+
+def run_experiment(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
     experiment: str,
-    result: dict[str, Any],
+    run: Callable[[argparse.Namespace], dict[str, Any]],
     plot: Callable[[dict[str, Any], Path], None],
     render: Callable[[Path], str],
 ) -> dict[str, Any]:
-    """Write the seed's JSON and plot, then rewrite the experiment's docs section from every seed's JSON."""
+    """Parse ``argv`` (the command line when None; kept in ``args.argv`` for the result's ``command``), run one
+    seed, write its JSON and plot, then rewrite the experiment's docs section from every seed's JSON."""
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    result = run(args)
     write_result(args.results, experiment, args.seed, result)
     plot(result, args.results / f"{experiment}_seed{args.seed}.png")
     update_docs(args.docs, experiment, lambda: render(args.results))

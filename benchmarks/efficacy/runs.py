@@ -6,6 +6,7 @@ import csv
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from codetune.api import FitResult, fit
 
@@ -29,6 +30,18 @@ def fit_recipe(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> F
             *overrides,
         ],
     )
+
+
+BASE_RECIPE = "recipes/quickstart.yaml"
+"""The base model of the long-context and rehearsal experiments."""
+
+
+def fit_base(args: Any, extra: list[str] | tuple[str, ...] = ()) -> FitResult:
+    """The experiment's base: ``BASE_RECIPE`` for ``args.steps`` steps, validated once at the end, in the seed's
+    ``base`` run folder; ``extra`` overrides come last."""
+    overrides = [*args.override, *args.base_override, f"--trainer.max_steps={args.steps}",
+                 f"--trainer.val_check_interval={args.steps}", *extra]  # fmt: skip
+    return fit_recipe(BASE_RECIPE, args.runs / f"seed{args.seed}" / "base", args.seed, overrides)
 
 
 def reload_run(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> FitResult:
