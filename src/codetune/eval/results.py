@@ -24,10 +24,10 @@ def _checkpoint_of(model: Any):
     return location if location.kind == "checkpoint" and location.run_dir is not None else None
 
 
-def default_out_dir(model: Any, name: str) -> Path:
-    """Where a run's results go when no ``out_dir`` is given: ``<run>/eval/<name>`` for its ``last`` checkpoint
-    (where the model card looks), ``<run>/eval/<checkpoint>/<name>`` for another one; else ``eval/<name>``."""
-    location = _checkpoint_of(model)
+def default_out_dir(location: Any, name: str) -> Path:
+    """Where results go when no ``out_dir`` is given: for a run's checkpoint ``location`` (see
+    :func:`_checkpoint_of`), ``<run>/eval/<name>`` for its ``last`` checkpoint (where the model card looks) and
+    ``<run>/eval/<checkpoint>/<name>`` for another one; else ``eval/<name>``."""
     if location is None:
         return Path("eval") / name
     folder = Path(location.run_dir) / "eval"
@@ -42,8 +42,8 @@ def write_results(
 
     Each file is written to a temporary name and renamed, so a crash never leaves half a results file.
     """
-    out = default_out_dir(results.get("model"), name) if out_dir is None else Path(out_dir).expanduser()
     location = _checkpoint_of(results.get("model"))
+    out = default_out_dir(location, name) if out_dir is None else Path(out_dir).expanduser()
     if location is not None:
         # Which weights were scored: a run's checkpoint changes when training resumes, and the model card says so.
         results = {
