@@ -14,7 +14,6 @@ import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -43,7 +42,14 @@ from codetune.data.loader import (
 )
 from codetune.data.mixing import MixConfig, check_weights
 from codetune.data.rows import RowBuilder, RowStore, RowSummary
-from codetune.data.sources import CodeFiles, HFDataset, JsonlFiles, ParquetFiles, _resolve_files
+from codetune.data.sources import (
+    CodeFiles,
+    HFDataset,
+    JsonlFiles,
+    ParquetFiles,
+    _resolve_files,
+    relative_note,
+)
 from codetune.model.tokens import TokenizerSpec, build_tokenizer, cache_root, resolve_sentinels
 
 log = logging.getLogger(__name__)
@@ -245,9 +251,7 @@ class CodeDataModule(L.LightningDataModule):
             if isinstance(source, CodeFiles):
                 if not source.root.is_dir():
                     what = "does not exist" if not source.root.exists() else "is not a directory"
-                    raise FileNotFoundError(
-                        f"{where}: path {source.path} {what}{_relative_note(source.path)}"
-                    )
+                    raise FileNotFoundError(f"{where}: path {source.path} {what}{relative_note(source.path)}")
             elif type(source) in _LOCAL_SUFFIXES:
                 _resolve_files(source.path, _LOCAL_SUFFIXES[type(source)], where)
         for name, objective in (objectives or {}).items():
@@ -473,12 +477,3 @@ class CodeDataModule(L.LightningDataModule):
             if self._train_batches is not None:
                 self._train_batches.consumed = tuple(position)
         return batch
-
-
-def _relative_note(path: str) -> str:
-    """Relative data paths are read from the current directory, which is what a user running from elsewhere misses."""
-    if path.startswith(("@", "/", "~")) or "://" in path:
-        return ""
-    return (
-        f" (relative to the current directory {Path.cwd()}; the shipped recipes run from the repository root)"
-    )

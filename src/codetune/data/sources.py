@@ -358,10 +358,19 @@ def _resolve_files(path: str, suffixes: tuple[str, ...], owner: str) -> list[tup
         return [(f, f.relative_to(root).as_posix()) for f in files]
     if root.is_file():
         return [(root, root.name)]
-    where = (
-        "" if Path(path).expanduser().is_absolute() else f" (relative to the current directory {Path.cwd()})"
+    raise FileNotFoundError(
+        f"{owner}: path {path!r} does not exist{relative_note(path)}; give a file, a folder or a glob"
     )
-    raise FileNotFoundError(f"{owner}: path {path!r} does not exist{where}; give a file, a folder or a glob")
+
+
+def relative_note(path: str) -> str:
+    """For a relative data path that was not found: where it was looked for (the current directory, which is
+    what a user running from another folder misses); nothing for absolute, ``@stdlib`` or URL paths."""
+    if path.startswith("@") or "://" in path or Path(path).expanduser().is_absolute():
+        return ""
+    return (
+        f" (relative to the current directory {Path.cwd()}; the shipped recipes run from the repository root)"
+    )
 
 
 def _open_text(path: Path) -> TextIO:
