@@ -21,7 +21,7 @@ from typing import Any, Literal
 from codetune.eval.humaneval import load_problems
 from codetune.eval.results import write_results
 from codetune.eval.sandbox import Sandbox, SandboxLimits
-from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, resolve_sentinels
+from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None) -> F
     """
     vocab = tokenizer.get_vocab()
     if sentinels is None:
-        present = [name for name, s in SENTINEL_SETS.items() if all(t in vocab for t in s.tokens())]
+        present = carried_sentinel_sets(vocab)
         if len(present) == 1:
             return SENTINEL_SETS[present[0]]
         if len(present) > 1:

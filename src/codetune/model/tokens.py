@@ -147,6 +147,11 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     return missing
 
 
+def carried_sentinel_sets(vocab: dict[str, int]) -> list[str]:
+    """Names of the known sentinel sets whose every token is in ``vocab``."""
+    return [name for name, s in SENTINEL_SETS.items() if all(t in vocab for t in s.tokens())]
+
+
 def _check_not_another_set(tokenizer, sentinels: FIMSentinels) -> None:
     """Refuse a recipe's sentinel set that a pretrained tokenizer lacks while it carries another known set in full:
     adding fresh sentinels next to trained ones would silently throw away the base's infilling ability."""
@@ -154,8 +159,9 @@ def _check_not_another_set(tokenizer, sentinels: FIMSentinels) -> None:
     # Only the FIM-specific three: an end token such as StarCoder's <|endoftext|> is often the tokenizer's EOS too.
     if any(t in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle)):
         return
-    for name, known in SENTINEL_SETS.items():
-        if known != sentinels and all(t in vocab for t in known.tokens()):
+    for name in carried_sentinel_sets(vocab):
+        known = SENTINEL_SETS[name]
+        if known != sentinels:
             raise ValueError(
                 f"the tokenizer already carries the `{name}` FIM sentinels ({' '.join(known.tokens())}) but the "
                 f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` (data.init_args.tokenizer "
