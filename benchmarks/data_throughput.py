@@ -22,7 +22,7 @@ def run(seq_len: int, level: str, num_proc: int | None, max_files: int | None) -
     from codetune.data.datamodule import CodeDataModule
     from codetune.data.fim import FIMConfig
     from codetune.data.sources import CodeFiles
-    from codetune.model.tokens import TokenizerSpec, TrainTokenizer
+    from codetune.data.tokenizer import TokenizerSpec, TrainTokenizer
 
     source = CodeFiles(
         path="@stdlib",

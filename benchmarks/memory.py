@@ -3,7 +3,7 @@
 The model is built from a config (no download): vocab 32,000, hidden 768, intermediate 2,048, 12 layers, 12
 attention heads (12 KV heads, head dim 64), tied input/output embeddings (109.5 M parameters); it is saved once,
 in bf16 safetensors, to a temporary folder. Each configuration is then loaded from that checkpoint through
-codetune's own path (``codetune.model.loader.load_model(ModelSpec(...))``, the code a recipe runs), in a fresh
+codetune's own path (``codetune.model.build.load_model(ModelSpec(...))``, the code a recipe runs), in a fresh
 process, and reports:
 
 - weight bytes of the decoder's linear layers (q/k/v/o/gate/up/down of every block: what QLoRA quantizes; the
@@ -103,7 +103,7 @@ class RssSampler(threading.Thread):
 def spec_for(name: str, checkpoint: str):
     """The ModelSpec a recipe would write for each configuration."""
     from codetune.model.adapters import Adapter, Quantization
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
 
     lora = Adapter(method="lora", r=16, alpha=32.0, dropout=0.0)
     nf4 = Quantization(bits=4, quant_type="nf4", double_quant=True, compute_dtype="bfloat16")
@@ -165,7 +165,7 @@ def worker(name: str, checkpoint: str, train_tokens: int) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from codetune.model.loader import load_model
+    from codetune.model.build import load_model
 
     torch.manual_seed(0)
     spec = spec_for(name, checkpoint)

@@ -47,6 +47,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codetune.data.batch import real_tokens as batch_real_tokens
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the runners fork no tokenizing workers
 
@@ -115,12 +117,9 @@ class StepTimes:
 
 
 def real_tokens(batch: dict) -> int:
-    """Non-padding token positions of a batch, for any runner's batch layout."""
-    if "token_kind" in batch:
-        return int((batch["token_kind"] != 0).sum())
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())  # TRL padding-free: one flattened row, unpadded on CPU
+    """Non-padding token positions of a batch, for any runner's batch layout (TRL padding-free: one flattened
+    row, unpadded, so every position counts)."""
+    return int(batch_real_tokens(batch).sum())
 
 
 class CountingCollator:

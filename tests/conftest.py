@@ -34,7 +34,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer_spec():
-    from codetune.model.tokens import TokenizerSpec, TrainTokenizer
+    from codetune.data.tokenizer import TokenizerSpec, TrainTokenizer
 
     return TokenizerSpec(train=TrainTokenizer(corpus="@stdlib", vocab_size=1024, max_files=60))
 
@@ -42,7 +42,7 @@ def tokenizer_spec():
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_spec, _isolated_cache):
     """A byte-level BPE tokenizer trained on stdlib files, with Code Llama FIM sentinels."""
-    from codetune.model.tokens import build_tokenizer
+    from codetune.data.tokenizer import build_tokenizer
 
     return build_tokenizer(tokenizer_spec)
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
+from codetune.data.tokenizer import SENTINEL_SETS, ensure_sentinels
 from codetune.model.adapters import Adapter, Quantization
-from codetune.model.loader import ModelSpec, load_model
-from codetune.model.tokens import SENTINEL_SETS, ensure_sentinels
+from codetune.model.build import ModelSpec, load_model
 
 BASE_VOCAB = 1024  # the session tokenizer's size: the tiny base "was trained" with exactly that vocabulary
 TINY = dict(

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codetune.data.batch import IGNORE_INDEX
 from codetune.data.chat import (
     NAMED_TEMPLATES,
     ChatEncoder,
@@ -15,7 +16,6 @@ from codetune.data.chat import (
     conversation_messages,
     conversation_text,
 )
-from codetune.data.packing import IGNORE_INDEX
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},

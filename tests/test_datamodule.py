@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from codetune.data import corpus as corpus_module
+from codetune.data.batch import BATCH_FIELDS, IGNORE_INDEX, TokenKind
+from codetune.data.batches import POSITION_KEY, ResumableLoader
 from codetune.data.chat import ChatFiles
 from codetune.data.datamodule import CodeDataModule, Split
 from codetune.data.fim import FIMConfig, FIMTransform
-from codetune.data.loader import POSITION_KEY, TENSOR_KEYS, ResumableLoader
 from codetune.data.mixing import MixConfig
-from codetune.data.packing import IGNORE_INDEX, Packer, TokenKind
+from codetune.data.packing import Packer
 from codetune.data.sources import CodeFiles, JsonlFiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +65,11 @@ def test_batches_follow_the_contract(tokenizer_spec):
     dm = make(tokenizer_spec)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == set(TENSOR_KEYS)
-    for key in TENSOR_KEYS:
+    assert set(batch) == set(BATCH_FIELDS)
+    for key in BATCH_FIELDS:
         assert batch[key].shape == (4, 128) and batch[key].dtype == torch.long
     val = next(iter(dm.val_dataloader()))
-    assert set(val) == set(TENSOR_KEYS)
+    assert set(val) == set(BATCH_FIELDS)
     assert dm.source_names == ["stdlib"]
 
 
@@ -150,7 +151,7 @@ def documents_of(stream_batches):
 
 
 def test_ranks_read_disjoint_rows_and_the_same_number_of_batches(tokenizer_spec):
-    from codetune.data.loader import PackedBatches
+    from codetune.data.batches import PackedBatches
 
     dm = make(tokenizer_spec)
     dm.setup("fit")
@@ -245,7 +246,7 @@ def test_streaming_resume_continues_the_same_stream(tokenizer_spec, workers):
 def test_resume_through_lightning_checkpoint_continues_with_the_same_batches(tokenizer_spec, tmp_path):
     import lightning as L
 
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
     from codetune.modules.causal import CausalLM
     from tests.conftest import TINY_LLAMA
 
@@ -486,7 +487,7 @@ def test_source_emptied_by_filters_or_curation_is_named(tokenizer_spec, tmp_path
 
 def test_tokenizer_without_fim_sentinels_gets_them_or_says_how(tmp_path):
 
-    from codetune.model.tokens import TokenizerSpec
+    from codetune.data.tokenizer import TokenizerSpec
     from tests.corpora import byte_level_bpe
 
     # A "pretrained" tokenizer folder whose vocabulary has no FIM sentinels.

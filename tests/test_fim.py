@@ -23,7 +23,7 @@ from codetune.data.fim import (
     format_infill_prompt,
     unpermute_text,
 )
-from codetune.model.tokens import SENTINEL_SETS, FIMSentinels
+from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels
 from tests.corpora import STDLIB, byte_level_bpe, stdlib_texts
 
 TRAIN_FILES = ["textwrap.py", "string.py", "heapq.py", "bisect.py"]

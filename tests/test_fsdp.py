@@ -72,7 +72,7 @@ def tiny_run(
     from torch.utils.data import DataLoader, DistributedSampler
 
     from codetune.model.adapters import Adapter, Quantization
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
     from codetune.model.sharding import FSDP2Strategy
     from codetune.modules.causal import CausalLM
     from codetune.resume import AtomicCheckpoint, RNGState
@@ -294,7 +294,7 @@ def test_mixed_precision_policy_follows_the_trainer_precision():
 
 def test_sharding_refuses_4bit_weights_not_stored_as_bf16():
     from codetune.model.adapters import Adapter, Quantization
-    from codetune.model.loader import ModelSpec, load_model
+    from codetune.model.build import ModelSpec, load_model
     from codetune.model.sharding import check_quantized_storage
 
     spec = ModelSpec(config=dict(TINY), adapter=Adapter(method="lora", r=4), quantization=Quantization())

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from codetune.checkpoints import load_for_inference
+from codetune.data.tokenizer import SENTINEL_SETS
 from codetune.eval import infilling
 from codetune.eval.humaneval import load_problems
 from codetune.eval.infilling import (
@@ -20,7 +21,6 @@ from codetune.eval.infilling import (
     score_infills,
 )
 from codetune.eval.sandbox import Sandbox
-from codetune.model.tokens import SENTINEL_SETS
 
 PROBLEMS = load_problems()
 FIRST_40 = dict(list(PROBLEMS.items())[:40])

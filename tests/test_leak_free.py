@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from codetune.data.batch import IGNORE_INDEX
 from codetune.data.datamodule import CodeDataModule
 from codetune.data.fim import FIMConfig
-from codetune.data.packing import IGNORE_INDEX
 from codetune.data.sources import CodeFiles
-from codetune.model.loader import ModelSpec
+from codetune.model.build import ModelSpec
 from codetune.modules.causal import CausalLM
 from tests.conftest import TINY_LLAMA
 

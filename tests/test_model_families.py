@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from codetune.model.adapters import FAMILY_TARGETS, Adapter, resolve_target_modules
-from codetune.model.loader import ModelSpec, load_model
+from codetune.model.build import ModelSpec, load_model
 from codetune.model.rope import RopeScaling
 from codetune.modules.causal import CausalLM
 from tests.conftest import quiet_trainer
@@ -205,7 +205,7 @@ def test_missing_checkpoint_is_named_before_anything_loads(tmp_path):
 
 
 def test_misspelt_model_config_key_is_refused(tiny_llama):
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
 
     tiny_llama["num_hidden_layer"] = tiny_llama.pop("num_hidden_layers")  # the default would be 32 layers
     with pytest.raises(
@@ -228,7 +228,7 @@ def test_misspelt_model_config_key_is_refused(tiny_llama):
 def test_missing_local_base_is_named_before_anything_is_built(monkeypatch, tmp_path):
     import huggingface_hub
 
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="runs/a/b is no file or folder here"):

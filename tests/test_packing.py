@@ -9,9 +9,10 @@ from collections import defaultdict
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from codetune.data.batch import IGNORE_INDEX, TokenKind
 from codetune.data.fim import FIMConfig, FIMTransform
-from codetune.data.packing import IGNORE_INDEX, PackDocument, Packer, TokenKind
-from codetune.model.tokens import SENTINEL_SETS
+from codetune.data.packing import PackDocument, Packer
+from codetune.data.tokenizer import SENTINEL_SETS
 from tests.corpora import STDLIB, byte_level_bpe, stdlib_texts
 
 

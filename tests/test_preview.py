@@ -76,7 +76,7 @@ def test_preview_summary_reports_rates_shares_and_counts(previewed, capsys):
 
 
 def test_preview_builds_no_model(tmp_path, monkeypatch):
-    import codetune.model.loader as loader
+    import codetune.model.build as loader
     from codetune.modules.causal import CausalLM
 
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("preview loaded a model"))

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from codetune.data.tokenizer import SENTINEL_SETS, ensure_sentinels
 from codetune.model.adapters import Adapter, Quantization
-from codetune.model.loader import ModelSpec, load_model
-from codetune.model.tokens import SENTINEL_SETS, ensure_sentinels
+from codetune.model.build import ModelSpec, load_model
 from tests.conftest import quiet_trainer
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from codetune.data.tokenizer import SENTINEL_SETS
 from codetune.model.adapters import Adapter
-from codetune.model.loader import ModelSpec
+from codetune.model.build import ModelSpec
 from codetune.model.rope import RopeScaling
-from codetune.model.tokens import SENTINEL_SETS
 from codetune.modules import FIMStage, InstructStage, LongContextStage
 from tests.conftest import quiet_trainer
 

@@ -85,7 +85,7 @@ class _Rows(L.LightningDataModule):
 
 
 def _fit(tmp_path, throughput: Throughput) -> L.Trainer:
-    from codetune.model.loader import ModelSpec
+    from codetune.model.build import ModelSpec
     from codetune.modules.causal import CausalLM
 
     module = CausalLM(model=ModelSpec(config=dict(TINY_LLAMA, vocab_size=256), attn_implementation="eager"))

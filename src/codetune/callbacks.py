@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from codetune.data.batch import real_tokens
+
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (NVIDIA data sheets, without sparsity). Lightning's own table
 # lists H200 at its sparse figure and misses device names such as "NVIDIA H200", hence this short one.
 PEAK_FLOPS_BF16: dict[str, float] = {
@@ -117,7 +119,7 @@ class Throughput(L.Callback):
             torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
         elapsed = time.perf_counter() - self._t0
         tokens = batch["input_ids"].numel() * trainer.world_size
-        real = int(real_token_count(batch)) * trainer.world_size
+        real = int(real_tokens(batch).sum()) * trainer.world_size
         self.total_tokens += tokens
         self.total_real_tokens += real
         self.train_seconds += elapsed
@@ -134,15 +136,6 @@ class Throughput(L.Callback):
             # Every token costs its FLOPs, padding included; the peak is per device.
             self.mfu = self._flops_per_token * tokens_per_s / (self._peak * trainer.world_size)
             pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True)
-
-
-def real_token_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens that are not padding: ``token_kind`` 0 marks pad; without it, every token counts."""
-    if "token_kind" in batch:
-        return (batch["token_kind"] != 0).sum()
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    return torch.tensor(batch["input_ids"].numel())
 
 
 class EarlyDropout(L.Callback):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from codetune.model.loader import ModelSpec
+from codetune.model.build import ModelSpec
 
 log = logging.getLogger(__name__)
 

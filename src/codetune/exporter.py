@@ -24,7 +24,7 @@ from codetune.checkpoints import (
     read_checkpoint,
     rebuild_model,
 )
-from codetune.model.loader import DTYPES, ModelSpec, base_config
+from codetune.model.build import DTYPES, ModelSpec, base_config
 from codetune.model_card import (
     CardFacts,
     data_sources,

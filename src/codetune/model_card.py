@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, resolve_sentinels
+from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, resolve_sentinels
 
 log = logging.getLogger(__name__)
 

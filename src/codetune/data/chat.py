@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codetune.data.packing import IGNORE_INDEX
+from codetune.data.batch import IGNORE_INDEX
 from codetune.data.sources import Document, SkipReport, _check_on_error, bad_record, jsonl_records
 
 ROLES = ("system", "user", "assistant")

@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from itertools import chain
@@ -33,6 +31,7 @@ from codetune.data.chat import ChatEncoder, ChatFiles
 from codetune.data.curation import CurationConfig, CurationReport, Curator, Split
 from codetune.data.packing import PackDocument
 from codetune.data.sources import CodeFiles, Document, SkipReport
+from codetune.storage import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +336,7 @@ def _build(
 ) -> None:
     import datasets
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
-    try:
+    with atomic_folder(folder) as tmp:
         documents, report = curated_documents(sources, curation)
         n = _write_documents(documents, tmp / "documents.arrow")
         skipped = {s.name: dict(getattr(s, "skipped", SkipReport()).counts) for s in sources}
@@ -384,13 +381,6 @@ def _build(
         (tmp / "documents.arrow").unlink()
         meta = {"files": files, "report": asdict(CorpusReport(skipped, asdict(report))), "documents": n}
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process (rank) cached the same corpus first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _quiet_datasets:

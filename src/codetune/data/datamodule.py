@@ -3,7 +3,7 @@
 Map-style (default): every source is read and curated together once, tokenized with ``datasets.map`` and packed,
 and both results are cached (:mod:`codetune.data.corpus`, :mod:`codetune.data.rows`); epochs reshuffle the rows.
 Streaming (``streaming: true``): nothing is materialised; each rank and loader worker reads its own share of
-the documents and packs it on the fly (:mod:`codetune.data.loader`). Either way the train loader's position is
+the documents and packs it on the fly (:mod:`codetune.data.batches`). Either way the train loader's position is
 saved in checkpoints and a resumed run continues with exactly the batches an uninterrupted one would have seen.
 """
 
@@ -20,6 +20,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from codetune.data.batches import (
+    POSITION_KEY,
+    PackedBatches,
+    ResumableLoader,
+    StreamingBatches,
+    collate,
+)
 from codetune.data.chat import ChatFiles, resolve_template
 from codetune.data.corpus import (
     DocumentEncoder,
@@ -32,14 +39,6 @@ from codetune.data.corpus import (
 )
 from codetune.data.curation import CurationConfig, Curator
 from codetune.data.fim import FIMConfig, FIMTransform
-from codetune.data.loader import (
-    POSITION_KEY,
-    TENSOR_KEYS,
-    PackedBatches,
-    ResumableLoader,
-    StreamingBatches,
-    collate,
-)
 from codetune.data.mixing import MixConfig, check_weights
 from codetune.data.rows import RowBuilder, RowStore, RowSummary
 from codetune.data.sources import (
@@ -50,11 +49,12 @@ from codetune.data.sources import (
     _resolve_files,
     relative_note,
 )
-from codetune.model.tokens import TokenizerSpec, build_tokenizer, cache_root, resolve_sentinels
+from codetune.data.tokenizer import TokenizerSpec, build_tokenizer, resolve_sentinels
+from codetune.storage import cache_root
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TENSOR_KEYS", "CodeDataModule", "Split", "collate"]
+__all__ = ["CodeDataModule", "Split"]
 
 _OBJECTIVES = ("fim", "causal", "chat")
 _LOCAL_SUFFIXES = {

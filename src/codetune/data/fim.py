@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from codetune.model.tokens import FIMSentinels, resolve_sentinels
+from codetune.data.tokenizer import FIMSentinels, resolve_sentinels
 
 FIMMode = Literal["psm", "spm"]
 
@@ -193,7 +193,7 @@ class FIMTransform:
             if token_id is None or token not in added:
                 raise ValueError(
                     f"tokenizer has no special token for FIM sentinel {token!r} ({name}); build it with "
-                    f"codetune.model.tokens.build_tokenizer, or call tokenizer.add_tokens({self.sentinels.tokens()}, "
+                    f"codetune.data.tokenizer.build_tokenizer, or call tokenizer.add_tokens({self.sentinels.tokens()}, "
                     "special_tokens=True) and resize the model embeddings"
                 )
             ids.append(token_id)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codetune.data.packing import TokenKind
+from codetune.data.batch import real_tokens
 
 _WEIGHT_TOLERANCE = 1e-6
 
@@ -71,12 +71,6 @@ def check_weights(weights: dict[str, float], source_names: Sequence[str]) -> dic
             f"{{{suggestion}}}; write those if that is what you mean"
         )
     return {n: float(weights[n]) for n in source_names}
-
-
-def real_tokens(row: dict[str, Any]) -> int:
-    """Non-pad tokens of a packed row."""
-    kinds = row["token_kind"]
-    return sum(1 for k in kinds if k != TokenKind.PAD) if isinstance(kinds, list) else int((kinds != 0).sum())
 
 
 @dataclass
@@ -140,11 +134,11 @@ class RowMixer:
                 row = next(streams[name], None)
                 if row is None:
                     raise ValueError(f"source {name!r} has no rows to mix")
-            n_real = real_tokens(row)
+            n_real = int(real_tokens(row).sum())
             stats.tokens[name] += n_real
             stats.rows[name] += 1
             total += n_real
             yield row
 
 
-__all__ = ["MixConfig", "MixStats", "RowMixer", "check_weights", "real_tokens"]
+__all__ = ["MixConfig", "MixStats", "RowMixer", "check_weights"]

@@ -21,25 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from enum import IntEnum
 from typing import Any
 
+from codetune.data.batch import IGNORE_INDEX, TokenKind
 from codetune.data.fim import FIMDraw, FIMEncoded, FIMTransform
 
-IGNORE_INDEX = -100
 _STATE_FORMAT = 1
 _FIT_ATTEMPTS = 6
-
-
-class TokenKind(IntEnum):
-    """What a row position holds; ``token_kind[t]`` describes the target token ``t`` (labels are unshifted)."""
-
-    PAD = 0
-    PLAIN = 1
-    FIM_CONTEXT = 2
-    """A FIM document's sentinels, prefix, suffix and trailing end-of-text."""
-    FIM_MIDDLE = 3
-    """The infilling target: the middle and its end sentinel."""
 
 
 @dataclass
@@ -441,4 +429,4 @@ class Packer:
             self._cursor.chunk = state["cursor"]["chunk"]
 
 
-__all__ = ["IGNORE_INDEX", "PackDocument", "Packer", "PackingStats", "TokenKind"]
+__all__ = ["PackDocument", "Packer", "PackingStats"]

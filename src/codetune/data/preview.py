@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from codetune.data.packing import TokenKind
+from codetune.data.batch import IGNORE_INDEX, TokenKind
 from codetune.data.rows import RowSummary
 
 
@@ -190,7 +190,7 @@ def _trained_fraction(rows: list[dict[str, Any]]) -> float:
         for kind, label in zip(row["token_kind"], row["labels"], strict=True):
             if kind != TokenKind.PAD:
                 real += 1
-                trained += label != -100
+                trained += label != IGNORE_INDEX
     return float(trained / real) if real else 0.0
 
 

@@ -9,8 +9,6 @@ with the same settings neither tokenizes nor packs, and workers open the arrays 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,19 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from codetune.data.batch import BATCH_FIELDS, real_tokens
 from codetune.data.corpus import Objective
 from codetune.data.fim import FIMTransform
 from codetune.data.mixing import RowMixer, Stop
-from codetune.data.packing import PackDocument, Packer, PackingStats, TokenKind
+from codetune.data.packing import PackDocument, Packer, PackingStats
+from codetune.storage import atomic_folder
 
-ROW_FIELDS: dict[str, Any] = {
-    "input_ids": np.int32,
-    "labels": np.int32,
-    "position_ids": np.int32,
-    "token_kind": np.int8,
-    "source_index": np.int16,
-}
-"""The tensor fields of a row (the batch contract) and how they are stored."""
 ROWS_FORMAT = 1
 
 
@@ -51,7 +43,7 @@ class RowSummary:
         index = np.asarray(row["source_index"])
         self.rows += 1
         self.tokens += len(kinds)
-        self.real_tokens += int((kinds != TokenKind.PAD).sum())
+        self.real_tokens += int(real_tokens(row).sum())
         counts = np.bincount(index[index >= 0], minlength=len(source_names))
         for i, name in enumerate(source_names):
             if counts[i]:
@@ -162,10 +154,10 @@ class RowStore:
             self._arrays = (
                 {
                     name: np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="r", shape=shape)
-                    for name, dtype in ROW_FIELDS.items()
+                    for name, dtype in BATCH_FIELDS.items()
                 }
                 if self.n_rows
-                else {name: np.zeros((0, self.seq_len), dtype) for name, dtype in ROW_FIELDS.items()}
+                else {name: np.zeros((0, self.seq_len), dtype) for name, dtype in BATCH_FIELDS.items()}
             )
         return self._arrays
 
@@ -200,16 +192,14 @@ class RowStore:
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> RowStore:
         """Write ``rows`` under ``folder`` atomically (a temporary folder renamed into place)."""
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
         summary = RowSummary()
-        try:
-            files = {name: open(tmp / f"{name}.bin", "wb") for name in ROW_FIELDS}
+        with atomic_folder(folder) as tmp:
+            files = {name: open(tmp / f"{name}.bin", "wb") for name in BATCH_FIELDS}
             offsets = [0]
             n = 0
             with open(tmp / "documents.jsonl", "wb") as docs:
                 for row in rows:
-                    for name, dtype in ROW_FIELDS.items():
+                    for name, dtype in BATCH_FIELDS.items():
                         values = np.asarray(row[name], dtype=dtype)
                         if values.shape != (seq_len,):
                             raise ValueError(
@@ -233,14 +223,7 @@ class RowStore:
                 **(extra() if extra else {}),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                tmp.rename(folder)
-            except OSError:  # written meanwhile by another rank; identical by construction
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return cls(folder)
 
 
-__all__ = ["ROW_FIELDS", "RowBuilder", "RowStore", "RowSummary"]
+__all__ = ["RowBuilder", "RowStore", "RowSummary"]

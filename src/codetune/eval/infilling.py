@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
 from codetune.eval.humaneval import load_problems
 from codetune.eval.results import write_results
 from codetune.eval.sandbox import Sandbox, SandboxLimits
-from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
 
 log = logging.getLogger(__name__)
 

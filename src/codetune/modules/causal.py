@@ -12,13 +12,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from codetune.model.loader import ModelSpec, load_model
+from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
+from codetune.model.build import ModelSpec, load_model
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-# Batch keys the model itself consumes; everything else (token_kind, source_index, ...) feeds metrics.
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
 
 class CausalLM(L.LightningModule):

@@ -14,16 +14,12 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from codetune.model.loader import ModelSpec
-from codetune.model.tokens import FIMSentinels, ensure_sentinels, resolve_sentinels
+from codetune.data.batch import TokenKind
+from codetune.data.tokenizer import FIMSentinels, ensure_sentinels, resolve_sentinels
+from codetune.model.build import ModelSpec
 from codetune.modules.causal import CausalLM, masked_mean
 
 log = logging.getLogger(__name__)
-
-# `token_kind` values of the batch contract (codetune.data.packing.TokenKind); they describe target token t.
-PLAIN = 1
-FIM_CONTEXT = 2
-FIM_MIDDLE = 3
 
 
 class FIMStage(CausalLM):
@@ -99,9 +95,9 @@ class FIMStage(CausalLM):
         kind = batch["token_kind"][:, 1:]  # aligned with losses: kind of target token t
         targets = batch["labels"][:, 1:]
         selections = {
-            "loss_fim": mask & ((kind == FIM_CONTEXT) | (kind == FIM_MIDDLE)),
-            "loss_plain": mask & (kind == PLAIN),
-            "loss_middle": mask & (kind == FIM_MIDDLE),
+            "loss_fim": mask & ((kind == TokenKind.FIM_CONTEXT) | (kind == TokenKind.FIM_MIDDLE)),
+            "loss_plain": mask & (kind == TokenKind.PLAIN),
+            "loss_middle": mask & (kind == TokenKind.FIM_MIDDLE),
         }
         metrics = {name: masked_mean(losses, selected) for name, selected in selections.items()}
         correct = (logits[:, :-1].argmax(-1) == targets).float()

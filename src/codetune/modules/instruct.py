@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from codetune.data.batch import real_tokens
 from codetune.modules.causal import CausalLM, masked_mean
 
 
@@ -40,6 +41,5 @@ class InstructStage(CausalLM):
         for index in range(max(len(names), present)):
             name = names[index] if index < len(names) else f"source{index}"
             metrics[f"loss/{name}"] = masked_mean(losses, mask & (source == index))
-        real = batch["token_kind"][:, 1:] != 0 if "token_kind" in batch else source >= 0
-        metrics["target_fraction"] = masked_mean(mask.float(), real)
+        metrics["target_fraction"] = masked_mean(mask.float(), real_tokens(batch)[:, 1:])
         return metrics

@@ -2,7 +2,7 @@
 
 Code Llama's long-context fine-tuning (Rozière et al. 2023 §2.4) raises RoPE's base period θ from 1e4 to 1e6 and
 trains on 16,384-token sequences. The rescaling comes from ``model.rope`` and is written into the config before
-the weights are loaded (:func:`codetune.model.loader.load_model`), so the rotary tables, the trained weights and
+the weights are loaded (:func:`codetune.model.build.load_model`), so the rotary tables, the trained weights and
 the saved ``config.json`` agree. What this stage adds is the evidence: validation perplexity at 1×, 2×, 4× the
 base's original context, on the same held-out tokens, so a run shows whether the longer context is used.
 """
@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from codetune.data.batch import real_tokens
 from codetune.eval.perplexity import perplexity_by_length
-from codetune.model.loader import ModelSpec, base_config
+from codetune.model.build import ModelSpec, base_config
 from codetune.modules.causal import CausalLM
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,7 @@ class LongContextStage(CausalLM):
     # ---- perplexity by context length ------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         if self.perplexity_data is None:
-            ids = batch["input_ids"]
-            real = (
-                batch["token_kind"] != 0 if "token_kind" in batch else torch.ones_like(ids, dtype=torch.bool)
-            )
-            self._val_tokens.append(ids[real].detach().cpu())
+            self._val_tokens.append(batch["input_ids"][real_tokens(batch)].detach().cpu())
         return super().validation_step(batch, batch_idx)
 
     def on_validation_epoch_start(self) -> None:

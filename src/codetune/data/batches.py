@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from codetune.data.batch import BATCH_FIELDS
 from codetune.data.rows import RowStore
 
 POSITION_KEY = "_position"
 """Batch key carrying ``(epoch, batches done)``; removed before the batch reaches the model."""
-TENSOR_KEYS = ("input_ids", "labels", "position_ids", "token_kind", "source_index")
 LOADER_FORMAT = 1
 
 Position = tuple[int, int]
@@ -42,7 +42,7 @@ def collate(rows: Rows) -> dict[str, torch.Tensor]:
     """Stack the tensor fields of packed rows; metadata (``documents``) is not sent to the model."""
     return {
         k: torch.from_numpy(np.stack([np.asarray(r[k], dtype=np.int64) for r in rows]))
-        for k in TENSOR_KEYS
+        for k in BATCH_FIELDS
         if k in rows[0]
     }
 
@@ -241,7 +241,6 @@ class ResumableLoader(DataLoader):
 
 __all__ = [
     "POSITION_KEY",
-    "TENSOR_KEYS",
     "PackedBatches",
     "ResumableLoader",
     "StreamingBatches",

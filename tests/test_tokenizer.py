@@ -3,8 +3,8 @@
 import pytest
 
 from codetune.data.fim import FIMConfig, FIMSplit, FIMTransform
+from codetune.data.tokenizer import SENTINEL_SETS, TokenizerSpec, build_tokenizer
 from codetune.eval.infilling import require_sentinels
-from codetune.model.tokens import SENTINEL_SETS, TokenizerSpec, build_tokenizer
 from tests.corpora import byte_level_bpe
 
 HF_SPELLING = ["▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from codetune.data.sources import CodeFiles
+from codetune.storage import atomic_folder, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,6 @@ class TokenizerSpec:
     """Where trained tokenizers are cached (default ``$CODETUNE_CACHE`` or ``~/.cache/codetune``)."""
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """The folder codetune caches tokenizers and tokenized data in."""
-    root = cache_dir or os.environ.get("CODETUNE_CACHE") or "~/.cache/codetune"
-    return Path(root).expanduser()
-
-
 def build_tokenizer(spec: TokenizerSpec):
     """Load or train the tokenizer described by ``spec`` and make sure it carries the FIM sentinels.
 
@@ -188,8 +184,6 @@ def _load_pretrained(spec: TokenizerSpec):
 def _trained_tokenizer(train: TrainTokenizer, sentinels: FIMSentinels, root: Path):
     from transformers import PreTrainedTokenizerFast
 
-    from codetune.data.sources import CodeFiles
-
     source = CodeFiles(path=train.corpus, include=train.include or ["**/*.py"], max_files=train.max_files)
     special = ["<|endoftext|>", "<pad>", *[t for t in sentinels.tokens() if t != "<|endoftext|>"]]
     key = hashlib.sha256(
@@ -225,20 +219,7 @@ def _trained_tokenizer(train: TrainTokenizer, sentinels: FIMSentinels, root: Pat
         pad_token="<pad>",
         additional_special_tokens=special[2:],
     )
-    _save_atomically(tokenizer, folder)
+    with atomic_folder(folder) as tmp:
+        tokenizer.save_pretrained(tmp)
     log.info("trained a %d-token BPE tokenizer on %s, cached in %s", len(tokenizer), train.corpus, folder)
     return tokenizer
-
-
-def _save_atomically(tokenizer, folder: Path) -> None:
-    import tempfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process cached it first; theirs is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
