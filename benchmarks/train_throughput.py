@@ -174,7 +174,7 @@ def __getattr__(name: str):
 def prepare(s: Settings) -> dict:
     """Build (or load) codetune's data cache and write what the HF/TRL runners load as a user would: the
     tokenizer, the initial model and the training documents as JSONL. Also describes the model."""
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
 
     cli = CodetuneCLI(args=["--config", s.recipe, *s.overrides(os.path.join(s.workdir, "runs"))], run=False)
     dm = cli.datamodule
@@ -315,7 +315,7 @@ def _last_logged_loss(trainer, out) -> float | None:
 def run_bare(s: Settings) -> dict:
     import torch
 
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
 
     cli = CodetuneCLI(args=["--config", s.recipe, *s.overrides(tempfile.mkdtemp(dir=s.workdir))], run=False)
     torch.manual_seed(0)

@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def commands() -> list[list[str]]:
     """Every command line whose ``--help`` is documented, in the order of the page."""
-    from codetune.cli import RECIPE_COMMANDS, _function_commands
+    from codetune.commands import COMMANDS, RECIPE_COMMANDS, resolve
 
     found: list[list[str]] = [[]]
     found += [[name] for name in RECIPE_COMMANDS]
-    for name, target in _function_commands().items():
+    for name, target in ((name, resolve(name)) for name in COMMANDS):
         found.append([name])
         if isinstance(target, dict):
             found += [[name, sub] for sub in target]

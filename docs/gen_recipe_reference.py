@@ -49,7 +49,7 @@ COMPONENTS = (
     (
         "Strategies",
         "trainer.strategy",
-        ("codetune.model.sharding",),
+        ("codetune.strategies",),
         "lightning.pytorch.strategies.Strategy",
         None,
     ),
@@ -178,7 +178,7 @@ def render() -> str:
 
 def _fit_parser() -> tuple[Any, dict[str, Any]]:
     """The parser of ``codetune fit`` and codetune's Trainer defaults, without parsing or building anything."""
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
 
     class _Captured(Exception):
         pass

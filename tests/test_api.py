@@ -48,7 +48,7 @@ def test_infill_from_memory_checkpoint_and_export_equals_the_cli_infill(run, tok
     out = codetune.export(result, tmp_path / "exported", dtype="float32")
     (tmp_path / "prefix.py").write_text(PREFIX)
     (tmp_path / "suffix.py").write_text(SUFFIX)
-    from codetune.eval.infilling import infill as cli_infill
+    from codetune.commands.infill import infill as cli_infill
 
     # the oracle: what `codetune infill --model CKPT --prefix FILE --suffix FILE` returns
     expected = cli_infill(
@@ -70,7 +70,7 @@ def test_infill_from_memory_checkpoint_and_export_equals_the_cli_infill(run, tok
 
 def test_codetune_infill_prints_the_middle_and_export_takes_a_bare_overwrite(run, tmp_path, capsys):
     from codetune.cli import main
-    from codetune.eval.infilling import infill as cli_infill
+    from codetune.commands.infill import infill as cli_infill
 
     _, path, _ = run
     (tmp_path / "p.py").write_text(PREFIX)
@@ -95,7 +95,7 @@ def test_infill_in_spm_format_equals_the_cli_infill(run, tmp_path):
     _, path, result = run
     (tmp_path / "p.py").write_text(PREFIX)
     (tmp_path / "s.py").write_text(SUFFIX)
-    from codetune.eval.infilling import infill as cli_infill
+    from codetune.commands.infill import infill as cli_infill
 
     spm = cli_infill(
         str(path), str(tmp_path / "p.py"), str(tmp_path / "s.py"), format="spm", max_new_tokens=12
@@ -115,7 +115,7 @@ def test_infill_bad_input_is_named(run, tokenizer):
 
 def test_export_can_be_called_again_after_its_submodule_is_imported(run, tmp_path):
     _, path, _ = run
-    import codetune.exporter as export_module  # the implementation module; `codetune.export` stays the function
+    import codetune.commands.export as export_module  # the implementation module; `codetune.export` stays the function
 
     first = codetune.export(path, tmp_path / "a", dtype="float32")
     second = codetune.export(str(path), str(tmp_path / "b"), dtype="float32")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetune.checkpoints import load_for_inference, locate, read_checkpoint
+from codetune.checkpoints import load_trained, locate, read_checkpoint
 from codetune.modules.causal import CausalLM
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
@@ -105,9 +105,9 @@ def test_checkpoint_restores_the_spec_and_the_tokenizer_with_its_sentinels(train
     assert set(checkpoint.state_dict) == {k.removeprefix("model.") for k in module.state_dict()}
 
 
-def test_load_for_inference_gives_the_training_module_logits_from_a_run_directory(trained, tokenizer):
+def test_load_trained_gives_the_training_module_logits_from_a_run_directory(trained, tokenizer):
     module, _, root = trained
-    model, loaded_tokenizer = load_for_inference(root)
+    model, loaded_tokenizer = load_trained(root)
     ids = sample_ids(tokenizer)
     assert not model.training and model.config.use_cache
     assert torch.allclose(logits_of(model, ids), logits_of(module, ids), atol=1e-5)
@@ -123,7 +123,7 @@ def test_sharded_checkpoint_folder_loads_like_the_single_file(trained, tmp_path,
     folder.mkdir()
     _distributed_checkpoint_save({"state_dict": raw.pop("state_dict")}, folder)
     torch.save(raw, folder / "meta.pt")
-    model, _ = load_for_inference(folder)
+    model, _ = load_trained(folder)
     ids = sample_ids(tokenizer)
     assert torch.allclose(logits_of(model, ids), logits_of(module, ids), atol=1e-5)
 
@@ -145,4 +145,4 @@ def test_weights_that_do_not_fit_the_rebuilt_model_are_refused(trained, tmp_path
     raw["hyper_parameters"]["model"]["config"]["intermediate_size"] = 96  # the spec no longer matches
     torch.save(raw, tmp_path / "edited.ckpt")
     with pytest.raises(ValueError, match="shapes that differ from the rebuilt model.*mlp"):
-        load_for_inference(tmp_path / "edited.ckpt")
+        load_trained(tmp_path / "edited.ckpt")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from codetune.cli import CodetuneCLI, main
+from codetune.cli import main
+from codetune.commands.fit import CodetuneCLI
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

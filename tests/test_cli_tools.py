@@ -82,7 +82,7 @@ def test_unknown_eval_task_is_an_error(capsys):
 
 def test_bare_boolean_flags_mean_true():
     from codetune.cli import bare_flags_as_true
-    from codetune.exporter import export
+    from codetune.commands.export import export
 
     args = ["--ckpt_path", "run", "--overwrite", "--out", "o", "--adapter_only"]
     assert bare_flags_as_true(export, args) == [

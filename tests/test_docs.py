@@ -141,12 +141,12 @@ def test_recipe_reference_states_scalar_defaults_as_the_code_has_them():
 
 
 def test_cli_reference_has_every_command_and_option():
-    from codetune.cli import RECIPE_COMMANDS, _function_commands
+    from codetune.commands import COMMANDS, RECIPE_COMMANDS, resolve
 
     sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
     for name in RECIPE_COMMANDS:
         assert "--trainer.max_steps" in sections[f"codetune {name}"]
-    for name, target in _function_commands().items():
+    for name, target in ((name, resolve(name)) for name in COMMANDS):
         functions = target if isinstance(target, dict) else {None: target}
         for sub, function in functions.items():
             body = sections[" ".join(p for p in ("codetune", name, sub) if p)]

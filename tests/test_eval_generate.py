@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codetune.checkpoints import load_for_inference
+from codetune.checkpoints import load_trained
 from codetune.eval.generate import generate, truncate_at_stop
 
 PROMPTS = [
@@ -110,10 +110,10 @@ def test_truncate_at_stop_finds_the_earliest_stop_even_across_the_prompt_end():
     assert truncate_at_stop("def g():", ["\ndef"], context='"""\n') == ("", True)
 
 
-def test_load_for_inference_round_trips_an_exported_folder(model, tokenizer, tmp_path):
+def test_load_trained_round_trips_an_exported_folder(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded, tok = load_for_inference(str(tmp_path))
+    loaded, tok = load_trained(str(tmp_path))
     assert not loaded.training and tok.get_vocab() == tokenizer.get_vocab()
     assert generate(loaded, tok, PROMPTS, max_new_tokens=6) == generate(
         model, tokenizer, PROMPTS, max_new_tokens=6

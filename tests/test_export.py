@@ -14,7 +14,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from codetune import checkpoints
-from codetune.exporter import export
+from codetune.commands.export import export
 from tests.conftest import TINY_LLAMA
 from tests.test_checkpoints import fit_checkpoint, logits_of, sample_ids
 
@@ -102,7 +102,7 @@ def test_full_fine_tuning_export_loads_with_plain_transformers_and_reproduces_th
         assert len(loaded_tokenizer(sentinel, add_special_tokens=False)["input_ids"]) == 1
     stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert set(stops) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<EOT>")}
-    via_seam, _ = checkpoints.load_for_inference(out)  # what `codetune eval --model OUT` loads
+    via_seam, _ = checkpoints.load_trained(out)  # what `codetune eval --model OUT` loads
     assert (logits_of(via_seam, ids) - exported).abs().max() < 1e-6
 
 
@@ -171,7 +171,7 @@ def test_adapter_only_export_loads_with_peft_from_pretrained(lora_run, base_dir,
     card = (out / "README.md").read_text()
     assert "resize_token_embeddings" in card and "library_name: peft" in card
     with pytest.raises(ValueError, match="is a PEFT adapter folder: load it with `PeftModel.from_pretrained"):
-        checkpoints.load_for_inference(out)
+        checkpoints.load_trained(out)
 
 
 def test_dora_export_reproduces_the_logits(base_dir, tokenizer, tmp_path):
@@ -482,7 +482,7 @@ def test_non_empty_out_is_refused_and_left_untouched(full_run, tmp_path, no_mode
 def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_one(
     full_run, tmp_path, monkeypatch
 ):
-    import codetune.exporter as export_module
+    import codetune.commands.export as export_module
 
     _, path, _ = full_run
     out = tmp_path / "out"
@@ -534,7 +534,7 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     """The real loop: ``codetune fit`` on the quickstart recipe, then export parsed from CLI arguments."""
     from jsonargparse import CLI
 
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
 
     root = tmp_path / "runs"
     CodetuneCLI(
@@ -556,7 +556,7 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     out = CLI(export, args=args, as_positional=False)  # as `codetune export` parses it
     assert out == tmp_path / "out"
     exported, tokenizer = load_exported(out)
-    reference, _ = checkpoints.load_for_inference(root)
+    reference, _ = checkpoints.load_trained(root)
     ids = sample_ids(tokenizer)
     assert (logits_of(exported, ids) - logits_of(reference, ids)).abs().max() < 1e-5
     card = (out / "README.md").read_text()

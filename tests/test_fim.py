@@ -23,7 +23,13 @@ from codetune.data.fim import (
     format_infill_prompt,
     unpermute_text,
 )
-from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels
+from codetune.data.tokenizer import (
+    SENTINEL_SETS,
+    FIMSentinels,
+    TokenizerSpec,
+    TrainTokenizer,
+    build_tokenizer,
+)
 from tests.corpora import STDLIB, byte_level_bpe, stdlib_texts
 
 TRAIN_FILES = ["textwrap.py", "string.py", "heapq.py", "bisect.py"]
@@ -163,7 +169,7 @@ def test_round_trip_keeps_literal_sentinel_strings_as_text(tokenizer) -> None:
 
 
 def test_starcoder_sentinels_end_with_end_of_text(tokenizer, corpus) -> None:
-    fim = FIMTransform(FIMConfig(fim_rate=1.0, sentinels="starcoder"), tokenizer)
+    fim = FIMTransform(FIMConfig(fim_rate=1.0), tokenizer, "starcoder")
     text = next(iter(corpus.values()))
     enc = fim.apply(text, "stdlib", 3)
     assert enc.input_ids[-1] == tokenizer.eos_token_id
@@ -295,7 +301,6 @@ def test_tokenizer_without_sentinels_is_refused_with_a_fix() -> None:
         ({"spm_rate": -0.1}, "spm_rate"),
         ({"level": "row"}, "level"),
         ({"max_middle_chars": 0}, "max_middle_chars"),
-        ({"sentinels": "gpt"}, "unknown FIM sentinel set"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message) -> None:
@@ -303,9 +308,16 @@ def test_bad_config_is_refused(kwargs, message) -> None:
         FIMConfig(**kwargs)
 
 
+def test_unknown_sentinel_set_is_refused_before_a_tokenizer_is_trained() -> None:
+    # The set is the tokenizer's setting (data.tokenizer.sentinels); an unknown name fails before any training.
+    spec = TokenizerSpec(train=TrainTokenizer(corpus="/nonexistent"), sentinels="gpt")
+    with pytest.raises(ValueError, match="unknown FIM sentinel set"):
+        build_tokenizer(spec)
+
+
 def test_custom_sentinels_work(tokenizer) -> None:
     custom = FIMSentinels(prefix="<fim_prefix>", suffix="<fim_suffix>", middle="<fim_middle>", end="<EOT>")
-    fim = FIMTransform(FIMConfig(fim_rate=1.0, sentinels=custom), tokenizer)
+    fim = FIMTransform(FIMConfig(fim_rate=1.0), tokenizer, custom)
     enc = fim.apply("print('hi')\n", "s", 0)
     assert tokenizer.convert_ids_to_tokens(enc.input_ids[:1]) == ["<fim_prefix>"]
     assert fim.unpermute_ids(enc.input_ids) == "print('hi')\n"

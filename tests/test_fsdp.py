@@ -73,9 +73,9 @@ def tiny_run(
 
     from codetune.model.adapters import Adapter, Quantization
     from codetune.model.build import ModelSpec
-    from codetune.model.sharding import FSDP2Strategy
     from codetune.modules.causal import CausalLM
     from codetune.resume import AtomicCheckpoint, RNGState
+    from codetune.strategies import FSDP2Strategy
 
     data = rows()
 
@@ -406,7 +406,7 @@ QUICKSTART = [
 def test_fsdp_asked_with_one_device_runs_unsharded_with_a_warning(tmp_path, caplog):
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
 
     args = [
         *QUICKSTART,
@@ -420,8 +420,8 @@ def test_fsdp_asked_with_one_device_runs_unsharded_with_a_warning(tmp_path, capl
 
 
 def test_fsdp_strategy_shards_over_every_process(tmp_path):
-    from codetune.cli import CodetuneCLI
-    from codetune.model.sharding import FSDP2Strategy
+    from codetune.commands.fit import CodetuneCLI
+    from codetune.strategies import FSDP2Strategy
 
     cli = CodetuneCLI(
         args=[
@@ -463,9 +463,9 @@ def _recipe_on_cpu(recipe: str, tmp_path: Path) -> list[str]:
 
 
 def test_scale_out_recipes_configure_fsdp2_and_atomic_checkpoints(tmp_path):
-    from codetune.cli import CodetuneCLI
-    from codetune.model.sharding import FSDP2Strategy
+    from codetune.commands.fit import CodetuneCLI
     from codetune.resume import AtomicCheckpoint
+    from codetune.strategies import FSDP2Strategy
 
     for recipe, every in (("fsdp-multigpu.yaml", 250), ("multinode-slurm.yaml", 100)):
         cli = CodetuneCLI(args=[*_recipe_on_cpu(recipe, tmp_path), "--trainer.plugins=null"], run=False)

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codetune.commands.evaluate import evaluate_humaneval
 from codetune.eval.humaneval import (
     STOP_SEQUENCES,
-    evaluate_humaneval,
     extract_code,
     load_problems,
 )

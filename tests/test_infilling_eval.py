@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from codetune.checkpoints import load_for_inference
+from codetune.checkpoints import load_trained
+from codetune.commands.evaluate import evaluate_infilling
+from codetune.commands.infill import infill
 from codetune.data.tokenizer import SENTINEL_SETS
 from codetune.eval import infilling
 from codetune.eval.humaneval import load_problems
@@ -14,9 +16,7 @@ from codetune.eval.infilling import (
     MODES,
     build_infill_prompts,
     derive_tasks,
-    evaluate_infilling,
     exact_match,
-    infill,
     require_sentinels,
     score_infills,
 )
@@ -124,7 +124,7 @@ def test_eval_prompt_is_the_start_of_the_training_sequence(tokenizer, fim_format
     prompts, transform = build_infill_prompts(
         tokenizer, [(t.prefix, t.suffix) for t in tasks], fim_format, sentinels
     )
-    train = FIMTransform(FIMConfig(sentinels="codellama"), tokenizer)
+    train = FIMTransform(FIMConfig(), tokenizer, "codellama")
     for task, prompt in zip(tasks, prompts, strict=True):
         seq = train.encode_split(FIMSplit(task.prefix, task.middle, task.suffix, fim_format)).input_ids
         assert seq[: len(prompt)] == prompt
@@ -179,7 +179,7 @@ def test_generation_stops_at_the_end_of_middle_sentinel(tokenizer, tiny_model_di
         return real(model, tok, prompts, **kwargs)
 
     monkeypatch.setattr(gen, "generate", spy)
-    model, tok = load_for_inference(str(tiny_model_dir))
+    model, tok = load_trained(str(tiny_model_dir))
     tasks = derive_tasks(FIRST_40, "single-line")[:2]
     infilling.generate_infills(
         model, tok, [(t.prefix, t.suffix) for t in tasks], "psm", SENTINEL_SETS["codellama"], max_new_tokens=3

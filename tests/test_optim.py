@@ -101,7 +101,7 @@ def test_paged_adamw_8bit_keeps_8bit_moments_and_descends():
 
 
 def test_optimizers_are_recipe_keys(tmp_path):
-    from codetune.cli import CodetuneCLI
+    from codetune.commands.fit import CodetuneCLI
     from tests.test_cli import QUICKSTART, TINY
 
     for class_path, expected in [

@@ -36,8 +36,10 @@ def corpus() -> dict[str, str]:
     return texts
 
 
-def make_packer(tokenizer, seq_len: int, fim: FIMConfig | None = None, sources=("code",)) -> Packer:
-    transform = None if fim is None else FIMTransform(fim, tokenizer)
+def make_packer(
+    tokenizer, seq_len: int, fim: FIMConfig | None = None, sources=("code",), sentinels=None
+) -> Packer:
+    transform = None if fim is None else FIMTransform(fim, tokenizer, sentinels)
     return Packer(seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id, list(sources), fim=transform)
 
 
@@ -152,10 +154,10 @@ def test_loss_masking_is_preserved(tokenizer) -> None:
 
 @pytest.mark.parametrize("sentinels", ["codellama", "starcoder"])
 def test_document_level_fim_round_trips_and_never_cuts_a_fim_document(tokenizer, corpus, sentinels) -> None:
-    config = FIMConfig(fim_rate=0.9, seed=1, sentinels=sentinels)
-    fim = FIMTransform(config, tokenizer)
+    config = FIMConfig(fim_rate=0.9, seed=1)
+    fim = FIMTransform(config, tokenizer, sentinels)
     texts = dict(list(corpus.items())[:40])
-    rows = list(make_packer(tokenizer, 1024, config).pack(text_documents(texts)))
+    rows = list(make_packer(tokenizer, 1024, config, sentinels=sentinels).pack(text_documents(texts)))
     spans = spans_by_document(rows)
     n_fim = 0
     for name, text in texts.items():

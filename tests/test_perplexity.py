@@ -191,8 +191,8 @@ def test_eval_perplexity_defaults_hold_out_the_quickstart_data_modules_validatio
 
     import yaml
 
+    from codetune.commands.evaluate import evaluate_perplexity
     from codetune.data.datamodule import Split
-    from codetune.eval.perplexity import evaluate_perplexity
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "data_modules" / "stdlib.yaml").read_text())
     defaults = {k: p.default for k, p in inspect.signature(evaluate_perplexity).parameters.items()}

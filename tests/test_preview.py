@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from codetune.cli import CodetuneCLI, main
-from codetune.data.preview import preview
+from codetune.cli import main
+from codetune.commands.fit import CodetuneCLI
+from codetune.commands.preview import preview
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")

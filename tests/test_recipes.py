@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codetune.cli import CodetuneCLI
+from codetune.commands.fit import CodetuneCLI
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from codetune.checkpoints.format import check_checkpoint_fits, checkpoint_shapes
 from codetune.resume import (
     PARTIAL_SUFFIX,
     PREVIOUS_SUFFIX,
     AtomicCheckpoint,
-    check_checkpoint_fits,
-    checkpoint_shapes,
     collect_rng_state,
     commit,
     recover,

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
+from codetune.commands.evaluate import evaluate_retrieval
 from codetune.eval.retrieval import (
     DEFAULT_POSITIONS,
     QUESTION,
     build_tasks,
-    evaluate_retrieval,
     load_corpus,
     parse_answer,
     score_retrieval,

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from codetune.commands.evaluate import evaluate_humaneval
 from codetune.eval import sandbox as sandbox_mod
-from codetune.eval.humaneval import build_program, evaluate_humaneval, load_problems
+from codetune.eval.humaneval import build_program, load_problems
 from codetune.eval.sandbox import Sandbox, SandboxLimits
 
 PROBLEMS = load_problems()

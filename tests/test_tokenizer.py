@@ -34,7 +34,7 @@ def test_codellama_hf_reuses_the_trained_sentinel_rows(codellama_like):
     assert "<PRE>" not in tokenizer.get_vocab()
     assert require_sentinels(tokenizer, None) == SENTINEL_SETS["codellama-hf"]  # eval finds them unprompted
     # The training layout puts exactly those ids around the pieces.
-    transform = FIMTransform(FIMConfig(sentinels="codellama-hf"), tokenizer)
+    transform = FIMTransform(FIMConfig(), tokenizer)
     ids = transform.encode_split(FIMSplit("def f(", "x", "):\n", "psm")).input_ids
     assert [released.convert_tokens_to_ids(t) for t in HF_SPELLING[:3]] == [
         i for i in ids if i in {released.convert_tokens_to_ids(t) for t in HF_SPELLING[:3]}

@@ -46,8 +46,8 @@ def fit_base(args: Any, extra: list[str] | tuple[str, ...] = ()) -> FitResult:
 
 def reload_run(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> FitResult:
     """The model and data module a finished ``fit_recipe`` run left in ``run_dir``, without training again."""
-    from codetune.checkpoints import load_for_inference
-    from codetune.cli import CodetuneCLI
+    from codetune.checkpoints import load_trained
+    from codetune.commands.fit import CodetuneCLI
 
     checkpoints = sorted(Path(run_dir).glob("lightning_logs/version_*/checkpoints/last.ckpt"))
     if not checkpoints:
@@ -60,7 +60,7 @@ def reload_run(recipe: str, run_dir: Path, seed: int, overrides: list[str]) -> F
         *overrides,
     ]
     cli = CodetuneCLI(args=args, run=False)  # builds the data module (sources, split); trains nothing
-    model, _ = load_for_inference(str(checkpoints[-1]))
+    model, _ = load_trained(str(checkpoints[-1]))
     cli.model.model = model
     run = checkpoints[-1].parents[1]
     return FitResult(cli.model, cli.datamodule, cli.trainer, str(checkpoints[-1]), str(run), {})

@@ -1,8 +1,9 @@
 """Notebook entry points: the same recipes and code paths as the ``codetune`` command, returning Python objects.
 
-Each function is a thin wrapper: ``fit`` runs the CLI's own LightningCLI subclass, ``preview``, ``export`` and
-``evaluate`` call the functions behind ``codetune preview|export|eval`` (so they accept the same options), and
-``infill`` builds its prompt and stops generation with the code the infilling eval uses.
+Each function is a thin face over a command of :mod:`codetune.commands`, as the CLI is: ``fit`` runs the same
+LightningCLI subclass, ``preview``, ``export`` and ``evaluate`` call the functions behind ``codetune
+preview|export|eval`` (so they accept the same options), and ``infill`` builds its prompt and stops generation
+with the code the infilling eval uses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from codetune.cli import CodetuneCLI, checkpoint_path
+from codetune.checkpoints import load_trained
+from codetune.commands.evaluate import TASKS
+from codetune.commands.export import export as export_checkpoint
+from codetune.commands.fit import CodetuneCLI
+from codetune.commands.preview import preview as preview_recipe
+from codetune.commands.summary import checkpoint_path
+from codetune.eval.infilling import infill_one
+from codetune.modules.causal import CausalLM
 
 
 @dataclass
@@ -69,8 +77,6 @@ def preview(
     ``token_kind``, its decoded ``text`` and the ``documents`` it holds; the summary has the FIM/PSM/SPM rates,
     token shares per source and the real-token fraction. ``out`` also writes the rows as JSONL.
     """
-    from codetune.data.preview import preview as preview_recipe
-
     recipe = _existing_recipe(recipe)
     return preview_recipe(
         str(recipe),
@@ -88,8 +94,6 @@ def export(checkpoint: str | Path | FitResult, out: str | Path, **options: Any) 
     ``revision``, ``overwrite``, ``base_model``, ``max_shard_size``, ``license`` (see ``codetune export --help``).
     Returns the exported folder.
     """
-    from codetune.exporter import export as export_checkpoint
-
     _check_options(export_checkpoint, options, "export", given=("ckpt_path", "out"))
     return export_checkpoint(_checkpoint_of(checkpoint, "export"), str(out), **options)
 
@@ -113,9 +117,7 @@ def evaluate(task: str, model: str | Path | FitResult | None = None, **options: 
 
 def eval_tasks() -> dict[str, Callable[..., dict[str, Any]]]:
     """The evaluation tasks, from the same table ``codetune eval`` dispatches on."""
-    from codetune.cli import _function_commands
-
-    return dict(_function_commands()["eval"])
+    return dict(TASKS)
 
 
 def infill(
@@ -138,8 +140,6 @@ def infill(
     tokenizer's FIM sentinels (or ``sentinels``: ``codellama``, ``codellama-hf``, ``starcoder``), and generation stops at the
     end-of-middle sentinel, exactly as ``codetune infill`` and the infilling eval do.
     """
-    from codetune.eval.infilling import infill_one
-
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise TypeError(
             "infill: prefix and suffix are the code text itself (str); for files use `codetune infill`"
@@ -179,12 +179,8 @@ def _checkpoint_of(source: str | Path | FitResult, what: str) -> str:
 
 def _model_and_tokenizer(model: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The Hugging Face model and its tokenizer, from any of the forms ``infill`` accepts."""
-    from codetune.modules.causal import CausalLM
-
     if isinstance(model, (str, Path)):
-        from codetune.checkpoints import load_for_inference
-
-        loaded, own = load_for_inference(model)
+        loaded, own = load_trained(model)
         return loaded, tokenizer or own
     if isinstance(model, tuple) and len(model) == 2:
         model, tokenizer = model[0], tokenizer or model[1]

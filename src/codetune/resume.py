@@ -11,8 +11,6 @@ no RNG state, and writes checkpoints in place (a sharded FSDP checkpoint is a fo
   sharded folder — next to its final name and renames it into place once complete, so a process killed while
   saving leaves the previous checkpoint intact. ``ckpt_path="last"`` also finds the newest ``last`` of earlier
   runs in the same log folder (each ``codetune fit`` logs to a new ``version_N``).
-- :func:`check_checkpoint_fits` names the first tensors whose shapes differ when a checkpoint comes from
-  another recipe, instead of a page of ``size mismatch`` lines.
 """
 
 from __future__ import annotations
@@ -24,13 +22,15 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+
+from codetune.lightning_private import is_local_path
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class AtomicCheckpoint(ModelCheckpoint):
     """
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        if not _is_local_file_protocol(filepath):
+        if not is_local_path(filepath):
             return super()._save_checkpoint(trainer, filepath)
         partial = filepath + PARTIAL_SUFFIX
         if trainer.is_global_zero:
@@ -170,14 +170,12 @@ class AtomicCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
-            from weakref import proxy
-
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         own_dir = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
-        if _is_local_file_protocol(str(own_dir)):
+        if is_local_path(str(own_dir)):
             recover(own_dir)
         found = super()._find_last_checkpoints(trainer)
         if found or self.dirpath is not None or not trainer.loggers:
@@ -260,65 +258,3 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# ---- does the checkpoint fit this recipe? ----------------------------------------------------------------------
-def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes a checkpoint holds (LightningModule keys, e.g. ``model.model.embed_tokens.weight``),
-    read without loading the weights: a ``.ckpt`` file is memory-mapped, a sharded folder's index is read."""
-    path = Path(path)
-    reason = None
-    try:
-        if path.is_dir():
-            from torch.distributed.checkpoint import FileSystemReader
-
-            metadata = FileSystemReader(str(path)).read_metadata()
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # unpickling, zip and metadata errors alike: name the path, not the reader
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if reason is not None:  # raised outside the handler, so the one-line report shows this message
-        raise ValueError(f"--ckpt_path {path}: not a readable checkpoint ({reason})")
-    if path.is_dir():
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        prefix = "state_dict."
-        return {
-            key[len(prefix) :]: tuple(item.size)
-            for key, item in metadata.state_dict_metadata.items()
-            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
-        }
-    if not isinstance(raw, dict):
-        raise ValueError(f"--ckpt_path {path}: not a Lightning checkpoint (it holds a {type(raw).__name__})")
-    return {k: tuple(v.shape) for k, v in raw.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
-
-
-def check_checkpoint_fits(
-    expected: dict[str, tuple[int, ...]],
-    found: dict[str, tuple[int, ...]],
-    where: str | Path,
-    strict: bool = True,
-) -> None:
-    """Raise one clear ``ValueError`` when a checkpoint's tensors do not fit the model this recipe builds.
-
-    Shapes must always agree; with ``strict`` (the module's ``strict_loading``) the names must too.
-    """
-    mismatched = [
-        f"{k} is {tuple(found[k])} there, {tuple(v)} here"
-        for k, v in expected.items()
-        if k in found and tuple(found[k]) != tuple(v)
-    ]
-    missing = [k for k in expected if k not in found] if strict else []
-    unexpected = [k for k in found if k not in expected] if strict else []
-    if not (mismatched or missing or unexpected):
-        return
-    if mismatched:
-        detail = f"{len(mismatched)} tensor shapes differ ({'; '.join(mismatched[:2])}{'; ...' if len(mismatched) > 2 else ''})"
-    elif missing:
-        detail = f"{len(missing)} weights of this model are not in it ({', '.join(missing[:2])}, ...)"
-    else:
-        detail = f"it has {len(unexpected)} weights this model lacks ({', '.join(unexpected[:2])}, ...)"
-    raise ValueError(
-        f"--ckpt_path {where} does not fit the model this recipe builds: {detail}; it was written by another "
-        "recipe (model, adapter or tokenizer) — resume with the recipe that wrote it, or start without --ckpt_path"
-    )

@@ -49,7 +49,7 @@ from codetune.data.sources import (
     _resolve_files,
     relative_note,
 )
-from codetune.data.tokenizer import TokenizerSpec, build_tokenizer, resolve_sentinels
+from codetune.data.tokenizer import TokenizerSpec, build_tokenizer
 from codetune.storage import cache_root
 
 log = logging.getLogger(__name__)
@@ -180,14 +180,6 @@ class CodeDataModule(L.LightningDataModule):
         self._validate(
             sources, names, seq_len, batch_size, fim, objectives, mix, streaming, num_workers, curation
         )
-        if fim is not None:  # one set of sentinels per run, owned by the tokenizer spec
-            chosen, own = resolve_sentinels(fim.sentinels), resolve_sentinels(tokenizer.sentinels)
-            if chosen != own and fim.sentinels != FIMConfig.sentinels:
-                raise ValueError(
-                    f"data.fim.sentinels ({fim.sentinels!r}) differ from data.tokenizer.sentinels "
-                    f"({tokenizer.sentinels!r}); set them on the tokenizer only"
-                )
-            fim = replace(fim, sentinels=tokenizer.sentinels)
         self.tokenizer_spec = tokenizer
         self.sources = list(sources)
         self.source_names: list[str] = names

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from codetune.data.tokenizer import FIMSentinels, resolve_sentinels
+from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
 
 FIMMode = Literal["psm", "spm"]
 
@@ -43,8 +43,6 @@ class FIMConfig:
     """Probability that a document (or, at context level, a fragment) is FIM-transformed."""
     spm_rate: float = 0.5
     """Share of FIM-transformed documents laid out suffix-prefix-middle (the rest prefix-suffix-middle)."""
-    sentinels: str | FIMSentinels = "codellama"
-    """Sentinel set: ``codellama`` (<PRE> <SUF> <MID> <EOT>), ``codellama-hf`` (▁<PRE> ...), ``starcoder`` (<fim_prefix> ...), or custom strings."""
     level: Literal["document", "context"] = "document"
     """``document``: transform whole documents before packing; documents cut across rows stay causal (Code Llama).
     ``context``: transform each document fragment after it is cut to fit a row (Bavarian et al. §3.2)."""
@@ -65,7 +63,6 @@ class FIMConfig:
             raise ValueError(f"fim.max_middle_chars must be >= 1 or null, got {self.max_middle_chars}")
         if not isinstance(self.seed, int):
             raise ValueError(f"fim.seed must be an integer, got {self.seed!r}")
-        resolve_sentinels(self.sentinels)  # fail on an unknown set name now, not at the first document
 
 
 @dataclass(frozen=True)
@@ -171,14 +168,24 @@ class FIMEncoded:
 class FIMTransform:
     """Applies a :class:`FIMConfig` with a tokenizer whose FIM sentinels are single special tokens.
 
+    The sentinel set is the tokenizer's own (:func:`codetune.data.tokenizer.fim_sentinels`: the one the run's
+    tokenizer records, else the known set it carries) unless ``sentinels`` names one.
+
     Text pieces are encoded with special-token matching off, so a literal ``<PRE>`` in source code stays
     text and cannot forge a sentinel. For tokenizers that add a dummy leading space (SentencePiece /
     Metaspace), the suffix and middle are encoded without it, as Code Llama does: they continue a line.
     """
 
-    def __init__(self, config: FIMConfig, tokenizer: Any) -> None:
+    def __init__(
+        self, config: FIMConfig, tokenizer: Any, sentinels: str | FIMSentinels | None = None
+    ) -> None:
         self.config = config
-        self.sentinels = resolve_sentinels(config.sentinels)
+        # A tokenizer carrying no set is checked against the default one below, and the error says how to add it.
+        self.sentinels = (
+            resolve_sentinels(sentinels)
+            if sentinels is not None
+            else fim_sentinels(tokenizer) or DEFAULT_SENTINELS
+        )
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         # A private copy: switching special-token matching off must not change the caller's tokenizer.
         self._tok = type(backend).from_str(backend.to_str())

@@ -2,6 +2,11 @@
 
 Data and model both get their tokenizer from :func:`build_tokenizer` (the CLI links the data module's
 tokenizer into the model), so the token ids the data side writes and the embedding size can never disagree.
+
+The FIM sentinel set is chosen once, here (``data.tokenizer.sentinels``, or the set a pretrained tokenizer
+carries), and recorded in the tokenizer itself (its ``tokenizer_config.json``), so the FIM transform, the FIM
+stage, the model card, exports and inference all read it back with :func:`fim_sentinels` instead of being told
+again.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from codetune.storage import atomic_folder, cache_root
 log = logging.getLogger(__name__)
 
 TOKENIZER_FORMAT_VERSION = 1
+SENTINELS_KEY = "codetune_fim_sentinels"
+"""Key of the run's sentinel set in the tokenizer's ``init_kwargs`` (and so its ``tokenizer_config.json``)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,10 @@ SENTINEL_SETS: dict[str, FIMSentinels] = {
         pad="<fim_pad>",
     ),
 }
+
+
+DEFAULT_SENTINELS = SENTINEL_SETS["codellama"]
+"""Added to tokenizers that carry no known set (the trained BPE, a base without FIM)."""
 
 
 def resolve_sentinels(sentinels: str | FIMSentinels) -> FIMSentinels:
@@ -93,9 +104,10 @@ class TokenizerSpec:
     """A Hugging Face tokenizer: local folder or Hub id. Leave empty to train one with ``train``."""
     train: TrainTokenizer | None = None
     """Train a byte-level BPE tokenizer instead of loading one."""
-    sentinels: str | FIMSentinels = "codellama"
+    sentinels: str | FIMSentinels | None = None
     """FIM sentinel set: ``codellama``, ``codellama-hf`` (Code Llama's released vocabulary, ``▁<PRE>`` ...),
-    ``starcoder`` or custom strings."""
+    ``starcoder`` or custom strings. ``None``: the set a pretrained tokenizer already carries (its trained
+    rows are reused), else ``codellama`` (added as new tokens)."""
     add_missing_sentinels: bool = True
     """Add sentinels the tokenizer lacks as special tokens (the model then grows new embedding rows)."""
     trust_remote_code: bool = False
@@ -109,17 +121,22 @@ def build_tokenizer(spec: TokenizerSpec):
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with ``eos_token`` and ``pad_token`` set.
     """
-    sentinels = resolve_sentinels(spec.sentinels)
     if (spec.name_or_path is None) == (spec.train is None):
         raise ValueError(
             "tokenizer: give exactly one of `name_or_path` (load) or `train` (train a BPE tokenizer)"
         )
     if spec.name_or_path is not None:
         tokenizer = _load_pretrained(spec)
-        _check_not_another_set(tokenizer, sentinels)
+        if spec.sentinels is None:
+            sentinels = fim_sentinels(tokenizer) or DEFAULT_SENTINELS
+        else:
+            sentinels = resolve_sentinels(spec.sentinels)
+            _check_not_another_set(tokenizer, sentinels)
     else:
+        sentinels = resolve_sentinels(spec.sentinels or DEFAULT_SENTINELS)
         tokenizer = _trained_tokenizer(spec.train, sentinels, cache_root(spec.cache_dir))
     ensure_sentinels(tokenizer, sentinels, add=spec.add_missing_sentinels)
+    record_sentinels(tokenizer, sentinels)
     if tokenizer.pad_token is None:
         # Packing pads only the final row; its labels are -100, so any id would do, but a distinct pad keeps
         # decoded previews readable.
@@ -143,6 +160,29 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     return missing
 
 
+def record_sentinels(tokenizer, sentinels: FIMSentinels) -> None:
+    """Write the run's sentinel set into the tokenizer (saved with it in ``tokenizer_config.json``)."""
+    tokenizer.init_kwargs[SENTINELS_KEY] = asdict(sentinels)
+
+
+def fim_sentinels(tokenizer) -> FIMSentinels | None:
+    """The FIM sentinel set of ``tokenizer``: the one codetune recorded in it, else the known set it carries.
+
+    When a foreign tokenizer carries several known sets in full, the one added last (highest token ids) wins:
+    codetune adds the sentinels it trains with after the base's own vocabulary. ``None`` when it carries none.
+    """
+    vocab = tokenizer.get_vocab()
+    recorded = getattr(tokenizer, "init_kwargs", {}).get(SENTINELS_KEY)
+    if recorded:
+        sentinels = FIMSentinels(**recorded)
+        if all(t in vocab for t in sentinels.tokens()):
+            return sentinels
+    carried = carried_sentinel_sets(vocab)
+    if not carried:
+        return None
+    return SENTINEL_SETS[max(carried, key=lambda n: min(vocab[t] for t in SENTINEL_SETS[n].tokens()))]
+
+
 def carried_sentinel_sets(vocab: dict[str, int]) -> list[str]:
     """Names of the known sentinel sets whose every token is in ``vocab``."""
     return [name for name, s in SENTINEL_SETS.items() if all(t in vocab for t in s.tokens())]
@@ -160,8 +200,8 @@ def _check_not_another_set(tokenizer, sentinels: FIMSentinels) -> None:
         if known != sentinels:
             raise ValueError(
                 f"the tokenizer already carries the `{name}` FIM sentinels ({' '.join(known.tokens())}) but the "
-                f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` (data.init_args.tokenizer "
-                "and FIMStage's model.init_args) to reuse the trained ones"
+                f"recipe asks for {' '.join(sentinels.tokens())}: set `sentinels: {name}` in data.init_args.tokenizer "
+                "(or leave it unset) to reuse the trained ones"
             )
 
 

@@ -1,6 +1,6 @@
 """Batched generation with a Hugging Face causal LM, for every eval: left padding, stop strings, seeded sampling.
 
-Models are loaded by :func:`codetune.checkpoints.load_for_inference` alone (exported folder, training
+Models are loaded by :func:`codetune.checkpoints.load_trained` alone (exported folder, training
 checkpoint or run directory), so the accepted ``--model`` forms change in one place.
 """
 

@@ -11,16 +11,15 @@ import gzip
 import json
 import logging
 import re
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from codetune.eval.generate import generate
 from codetune.eval.passk import mean_pass_at_k
-from codetune.eval.results import write_results
-from codetune.eval.sandbox import ExecutionResult, Sandbox, SandboxLimits
+from codetune.eval.sandbox import ExecutionResult, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -114,110 +113,9 @@ def score_completions(
     return scores, records
 
 
-def evaluate_humaneval(
-    model: str | None = None,
-    completions: str | None = None,
-    n: int = 1,
-    k: tuple[int, ...] = (1,),
-    temperature: float | None = None,
-    top_p: float = 0.95,
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    chat: bool = False,
-    limit: int | None = None,
-    out_dir: str | None = None,
-    seed: int = 0,
-    timeout: float = 3.0,
-    memory_mb: int = 1024,
-    workers: int | None = None,
-) -> dict[str, Any]:
-    """HumanEval pass@k of a model (``model``) or of completions produced elsewhere (``completions``).
-
-    Args:
-        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory to generate with.
-        completions: JSONL file of ``{"task_id", "completion"}`` lines to score instead of generating.
-        n: Samples per task when generating.
-        k: The k of pass@k to report; each must be <= n.
-        temperature: Sampling temperature; default greedy for n=1 and 0.8 (Code Llama) for n>1.
-        top_p: Nucleus sampling mass when sampling.
-        max_new_tokens: Generation budget per completion.
-        batch_size: Prompts per generation batch.
-        chat: Wrap each prompt in the tokenizer's chat template (instruct models) and take the reply's code.
-        limit: Only the first ``limit`` tasks (quick checks); the results record how many were run.
-        out_dir: Where ``humaneval_results.json`` (and per-sample JSONL) go. Default: ``eval/humaneval`` inside the run
-            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
-            ``./eval/humaneval``.
-        seed: Seed of the sampling.
-        timeout: Wall-clock seconds per program in the sandbox.
-        memory_mb: Address-space limit per program in the sandbox, in MiB.
-        workers: Parallel sandbox processes (default: one per CPU core).
-
-    Returns:
-        The results dict that is also written to ``humaneval_results.json``.
-    """
-    ks = sorted(set(k))
-    if (model is None) == (completions is None):
-        raise ValueError("give exactly one of --model (generate) or --completions (score a JSONL file)")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"--k must list values >= 1, got {list(k)}")
-    if model is not None and max(ks) > n:
-        raise ValueError(f"pass@{max(ks)} needs k <= n samples per task, got n={n}: raise --n or lower --k")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    problems = load_problems()
-    if limit is not None:
-        problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(SandboxLimits(timeout=timeout, memory_mb=memory_mb), workers=workers)
-    settings: dict[str, Any] = {"k": ks, "timeout": timeout, "memory_mb": memory_mb, "limit": limit}
-    started = time.monotonic()
-    if completions is not None:
-        by_task = read_completions(completions, load_problems())
-        outside = sorted(set(by_task) - set(problems))
-        if outside:
-            raise ValueError(f"{completions}: tasks {outside[:3]} are beyond --limit {limit}")
-        missing = len(problems) - len(by_task)
-        if missing:
-            log.warning(
-                "humaneval: %s has no completion for %d of %d tasks; scoring the rest",
-                completions,
-                missing,
-                len(problems),
-            )
-        problems = {t: problems[t] for t in by_task}
-    else:
-        if temperature is None:
-            temperature = 0.0 if n == 1 else DEFAULT_SAMPLING_TEMPERATURE
-        settings |= {
-            "n": n,
-            "temperature": temperature,
-            "top_p": top_p,
-            "max_new_tokens": max_new_tokens,
-            "chat": chat,
-        }
-        by_task = _generate_completions(
-            model, problems, n, temperature, top_p, max_new_tokens, batch_size, chat, seed
-        )
-    generated = time.monotonic()
-    scores, records = score_completions(problems, by_task, ks, sandbox)
-    results = {
-        "benchmark": "humaneval",
-        "scores": scores,
-        "num_tasks": len(problems),
-        "num_samples": len(records),
-        "model": model,
-        "completions": completions,
-        "seed": seed,
-        "settings": settings,
-        "sandbox": sandbox.report.as_dict(),
-        "seconds": {"generation": generated - started, "execution": time.monotonic() - generated},
-    }
-    write_results(out_dir, "humaneval", results, records)
-    log.info("humaneval: %s on %d tasks", scores, len(problems))
-    return results
-
-
-def _generate_completions(
-    model_path: str,
+def generate_completions(
+    model: Any,
+    tokenizer: Any,
     problems: dict[str, dict[str, Any]],
     n: int,
     temperature: float,
@@ -227,15 +125,13 @@ def _generate_completions(
     chat: bool,
     seed: int,
 ) -> dict[str, list[str]]:
-    from codetune.checkpoints import load_for_inference
-    from codetune.eval.generate import generate
-
-    model, tokenizer = load_for_inference(model_path)
+    """``n`` completions per problem from a loaded model: continuations of the prompt cut at the stop sequences,
+    or with ``chat`` the code of a reply to the prompt wrapped in the tokenizer's chat template."""
     tasks = list(problems)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
-                f"--chat: the tokenizer of {model_path} has no chat template; drop --chat for base models"
+                "--chat: the model's tokenizer has no chat template; drop --chat for base models"
             )
         prompts = [
             tokenizer.apply_chat_template(

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
-from codetune.eval.humaneval import load_problems
-from codetune.eval.results import write_results
-from codetune.eval.sandbox import Sandbox, SandboxLimits
+from codetune.data.fim import FIMConfig, FIMTransform
+from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
+from codetune.eval.generate import generate
+from codetune.eval.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ def derive_tasks(
     Each draw uses its own ``random.Random`` keyed by (seed, problem, mode, j), so tasks do not shift when
     problems are added, skipped or limited.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if per_problem < 1:
         raise ValueError(f"per_problem must be >= 1, got {per_problem}")
     tasks = []
@@ -145,25 +143,18 @@ def score_infills(
 # -- prompts: the seam to the training FIM code -----------------------------------------------------------
 
 
-def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None) -> FIMSentinels:
+def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None = None) -> FIMSentinels:
     """The sentinel set to infill with; every one of its tokens must be a single token of ``tokenizer``.
 
-    ``None`` picks the one known set the tokenizer fully carries.
+    ``None``: the tokenizer's own set (:func:`codetune.data.tokenizer.fim_sentinels`); a tokenizer with none is
+    checked against the default set, so the error names the tokens it lacks.
     """
+    chosen = (
+        resolve_sentinels(sentinels)
+        if sentinels is not None
+        else fim_sentinels(tokenizer) or DEFAULT_SENTINELS
+    )
     vocab = tokenizer.get_vocab()
-    if sentinels is None:
-        present = carried_sentinel_sets(vocab)
-        if len(present) == 1:
-            return SENTINEL_SETS[present[0]]
-        if len(present) > 1:
-            # codetune adds the sentinels it trains with after the base's own vocabulary: the set with the
-            # highest ids is the one this model was fine-tuned with (e.g. `codellama` added to a Code Llama
-            # tokenizer that also has its own `codellama-hf` spelling).
-            newest = max(present, key=lambda n: min(vocab[t] for t in SENTINEL_SETS[n].tokens()))
-            log.info("tokenizer carries FIM sentinel sets %s; using %s, the one added last", present, newest)
-            return SENTINEL_SETS[newest]
-        sentinels = "codellama"
-    chosen = resolve_sentinels(sentinels)
     missing = [t for t in (chosen.prefix, chosen.suffix, chosen.middle, chosen.end) if t not in vocab]
     if missing:
         raise ValueError(
@@ -180,10 +171,8 @@ def build_infill_prompts(
 
     Returns the ids and the :class:`~codetune.data.fim.FIMTransform` (for the end sentinel and decoding).
     """
-    from codetune.data.fim import FIMConfig, FIMTransform
-
-    _check_format(fim_format)
-    transform = FIMTransform(FIMConfig(sentinels=sentinels), tokenizer)
+    check_format(fim_format)
+    transform = FIMTransform(FIMConfig(), tokenizer, sentinels)
     return [transform.encode_infill_prompt(p, s, fim_format) for p, s in pieces], transform
 
 
@@ -199,8 +188,6 @@ def generate_infills(
     seed: int = 0,
 ) -> list[str]:
     """One generated middle per (prefix, suffix), stopping at the end-of-middle sentinel."""
-    from codetune.eval.generate import generate
-
     prompts, transform = build_infill_prompts(tokenizer, pieces, fim_format, sentinels)
     samples = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -227,8 +214,8 @@ def run_infilling(
 
     Returns the scores, one record per task and the sentinel set used.
     """
-    _check_mode(mode)
-    _check_format(fim_format)
+    check_mode(mode)
+    check_format(fim_format)
     chosen = require_sentinels(tokenizer, sentinels)
     tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
     pieces = [(t.prefix, t.suffix) for t in tasks]
@@ -237,126 +224,6 @@ def run_infilling(
     )
     scores, records = score_infills(problems, tasks, middles, sandbox or Sandbox())
     return scores, records, chosen
-
-
-# -- entry points -----------------------------------------------------------------------------------------
-
-
-def evaluate_infilling(
-    model: str,
-    mode: InfillMode = "single-line",
-    format: Literal["psm", "spm"] = "psm",
-    sentinels: str | None = None,
-    limit: int | None = None,
-    per_problem: int = 1,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    out_dir: str | None = None,
-    seed: int = 0,
-    timeout: float = 3.0,
-    workers: int | None = None,
-) -> dict[str, Any]:
-    """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
-
-    Args:
-        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        mode: ``single-line``, ``multi-line`` or ``random-span``.
-        format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
-        sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
-        limit: Only the first ``limit`` HumanEval problems.
-        per_problem: Tasks per problem (distinct gaps).
-        max_new_tokens: Generation budget per infill.
-        batch_size: Prompts per generation batch.
-        out_dir: Where ``infilling_results.json`` (and per-sample JSONL) go. Default: ``eval/infilling`` inside the run
-            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
-            ``./eval/infilling``.
-        seed: Seed of the task derivation.
-        timeout: Wall-clock seconds per program in the sandbox.
-        workers: Parallel sandbox processes (default: one per CPU core).
-    """
-    _check_mode(mode)
-    _check_format(format)
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    problems = load_problems()
-    if limit is not None:
-        problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
-    from codetune.checkpoints import load_for_inference
-
-    started = time.monotonic()
-    model_obj, tokenizer = load_for_inference(model)
-    scores, records, chosen = run_infilling(
-        model_obj,
-        tokenizer,
-        problems,
-        mode,
-        format,
-        sentinels,
-        per_problem,
-        max_new_tokens,
-        batch_size,
-        seed,
-        sandbox,
-    )
-    results = {
-        "benchmark": f"humaneval-infilling-{mode}",
-        "scores": scores,
-        "num_tasks": len(records),
-        "model": model,
-        "seed": seed,
-        "settings": {
-            "mode": mode,
-            "format": format,
-            "sentinels": asdict(chosen),
-            "limit": limit,
-            "per_problem": per_problem,
-            "max_new_tokens": max_new_tokens,
-            "timeout": timeout,
-        },
-        "sandbox": sandbox.report.as_dict(),
-        "seconds": time.monotonic() - started,
-    }
-    write_results(out_dir, "infilling", results, records)
-    log.info("infilling %s/%s: %s on %d tasks", mode, format, scores, len(records))
-    return results
-
-
-def infill(
-    model: str,
-    prefix: str,
-    suffix: str,
-    format: Literal["psm", "spm"] = "psm",
-    sentinels: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> str:
-    """Fill in the code between the contents of the ``prefix`` and ``suffix`` files; returns the middle.
-
-    Uses the same prompt layout and stopping as the infilling eval, for a quick look at a model.
-
-    Args:
-        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        prefix: File with the code before the gap.
-        suffix: File with the code after the gap.
-        format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
-        sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
-        max_new_tokens: Generation budget for the middle.
-        temperature: Sampling temperature; 0 is greedy.
-        seed: Seed of the sampling.
-    """
-    _check_format(format)
-    texts = []
-    for name, path in (("prefix", prefix), ("suffix", suffix)):
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"--{name} {path}: no such file")
-        texts.append(file.read_text())
-    from codetune.checkpoints import load_for_inference
-
-    model_obj, tokenizer = load_for_inference(model)
-    return infill_one(model_obj, tokenizer, *texts, format, sentinels, max_new_tokens, temperature, seed)
 
 
 def infill_one(
@@ -385,11 +252,11 @@ def infill_one(
     return middle
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(MODES)}")
 
 
-def _check_format(fim_format: str) -> None:
+def check_format(fim_format: str) -> None:
     if fim_format not in FORMATS:
         raise ValueError(f"unknown FIM format {fim_format!r}: use psm or spm")

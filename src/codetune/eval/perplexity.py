@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from codetune.data.curation import split_of
+from codetune.data.sources import CodeFiles
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def perplexity_by_length(
     Raises ValueError when no stream (or the ``max_tokens`` budget) holds the longest length, before any
     forward pass.
     """
-    lengths = _check_lengths(lengths)
+    lengths = check_lengths(lengths)
     streams = _as_streams(streams)
     longest = lengths[-1]
     _check_ids(model, streams)
@@ -118,7 +122,7 @@ def _windows(
     return windows
 
 
-def _check_lengths(lengths: Sequence[int]) -> list[int]:
+def check_lengths(lengths: Sequence[int]) -> list[int]:
     if isinstance(lengths, int) or not lengths:
         raise ValueError(f"lengths must be a non-empty list of context lengths, got {lengths!r}")
     for length in lengths:
@@ -153,75 +157,25 @@ def _check_ids(model: torch.nn.Module, streams: list[torch.Tensor]) -> None:
             )
 
 
-def evaluate_perplexity(
-    model: str,
-    lengths: list[int] = [1024, 2048, 4096],  # noqa: B006 - jsonargparse reads the default from here
+def held_out_streams(
+    tokenizer: Any,
     corpus: str = "@stdlib",
-    include: list[str] | None = None,
+    include: Sequence[str] = ("**/*.py",),
     source_name: str = "stdlib",
     held_out_fraction: float = 0.05,
     split_seed: int = 0,
-    max_tokens: int | None = 200_000,
-    batch_tokens: int = 8192,
-    out_dir: str | None = None,
-) -> dict:
-    """Perplexity of a model on held-out code at several context lengths.
-
-    Args:
-        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        lengths: Context lengths in tokens, e.g. ``[1024, 2048, 4096]``.
-        corpus: Folder of code files (``@stdlib``: the Python standard library).
-        include: Globs of files to read (default ``**/*.py``).
-        source_name: The ``name`` the recipe gave this source; the train/validation split hashes it, so it must
-            match for the held-out files to be the ones the model never trained on.
-        held_out_fraction: Score only files on the validation side of the split the data module made with this
-            fraction (the recipe's ``data.split.val_fraction``), so training files are not scored.
-        split_seed: The recipe's ``data.split.seed``. The defaults of these three match
-            ``data_modules/stdlib.yaml``, the quickstart's data.
-        max_tokens: Score at most this many tokens of text.
-        batch_tokens: Tokens per forward pass.
-        out_dir: Where ``perplexity_results.json`` (and per-sample JSONL) go. Default: ``eval/perplexity`` inside the run
-            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
-            ``./eval/perplexity``.
-    """
-    from codetune.checkpoints import load_for_inference
-    from codetune.data.curation import split_of
-    from codetune.data.sources import CodeFiles
-    from codetune.eval.results import write_results
-
-    lengths = _check_lengths(lengths)
-    source = CodeFiles(path=corpus, include=include or ["**/*.py"], name=source_name)
-    mdl, tokenizer = load_for_inference(model)
-    streams = []
-    for doc in source.documents():
-        if split_of(doc, held_out_fraction, split_seed) == "validation":
-            streams.append(
-                tokenizer(doc.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            )
+) -> list[list[int]]:
+    """Token ids of every file of ``corpus`` on the validation side of the data module's split (the same hash of
+    source name, fraction and seed), so a model is scored only on files it never trained on."""
+    source = CodeFiles(path=corpus, include=list(include), name=source_name)
+    streams = [
+        tokenizer(doc.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for doc in source.documents()
+        if split_of(doc, held_out_fraction, split_seed) == "validation"
+    ]
     if not streams:
         raise ValueError(
-            f"no file of {corpus} ({', '.join(include or ['**/*.py'])}) is on the held-out side of the split "
-            f"(source_name {source_name!r}, held_out_fraction {held_out_fraction}): widen --include or match the recipe"
+            f"no file of {corpus} ({', '.join(include)}) is on the held-out side of the split (source_name "
+            f"{source_name!r}, held_out_fraction {held_out_fraction}): widen --include or match the recipe"
         )
-    report = perplexity_by_length(mdl, streams, lengths, batch_tokens=batch_tokens, max_tokens=max_tokens)
-    results = {
-        "benchmark": "perplexity",
-        "model": model,
-        "scores": {f"perplexity@{k}": v for k, v in report.perplexity.items()},
-        "perplexity": {str(k): v for k, v in report.perplexity.items()},
-        "tokens": {str(k): v for k, v in report.tokens.items()},
-        "settings": {
-            "corpus": corpus,
-            "include": include or ["**/*.py"],
-            "source_name": source_name,
-            "held_out_fraction": held_out_fraction,
-            "split_seed": split_seed,
-            "max_tokens": max_tokens,
-        },
-    }
-    write_results(out_dir, "perplexity", results, [])
-    for length in lengths:
-        print(
-            f"length {length:>6}: perplexity {report.perplexity[length]:.3f} over {report.tokens[length]:,} tokens"
-        )
-    return results
+    return streams

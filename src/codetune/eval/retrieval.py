@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import random
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from codetune.eval.results import write_results
+from codetune.data.sources import CodeFiles
+from codetune.eval.generate import generate
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ class RetrievalTask:
 
 def load_corpus(corpus: str = "@stdlib", max_files: int = 300) -> list[str]:
     """Code files for the context, from a folder or ``@stdlib`` (through the training data source)."""
-    from codetune.data.sources import CodeFiles
-
     files = CodeFiles(path=corpus, name="retrieval-context", max_files=max_files, max_line_length=200)
     texts = [d.text for d in files.documents() if "my_function" not in d.text]
     if not texts:
@@ -180,8 +178,6 @@ def run_retrieval(
     seed: int = 0,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Build, generate and score retrieval prompts with an in-memory model (also for in-training evals)."""
-    from codetune.eval.generate import generate
-
     tasks = build_tasks(tokenizer, corpus, lengths, positions, samples, seed)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and max(lengths) + max_new_tokens > max_positions:
@@ -199,63 +195,3 @@ def run_retrieval(
         return [s[0].text for s in out]
 
     return score_retrieval(tasks, answer)
-
-
-def evaluate_retrieval(
-    model: str,
-    lengths: tuple[int, ...] = (1024, 2048, 4096),
-    positions: tuple[float, ...] = DEFAULT_POSITIONS,
-    samples: int = 2,
-    corpus: str = "@stdlib",
-    max_new_tokens: int = 4,
-    batch_size: int = 1,
-    out_dir: str | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Key-retrieval accuracy of a model per (context length, relative position), greedy decoding.
-
-    Args:
-        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        lengths: Prompt lengths in tokens.
-        positions: Relative positions of the key function in the context, each in [0, 1].
-        samples: Prompts per (length, position), each with its own value and context.
-        corpus: Folder of code for the context, or ``@stdlib``.
-        max_new_tokens: Tokens to generate for the answer.
-        batch_size: Prompts per generation batch (long prompts: keep small).
-        out_dir: Where ``retrieval_results.json`` (and per-sample JSONL) go. Default: ``eval/retrieval`` inside the run
-            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
-            ``./eval/retrieval``.
-        seed: Seed of the values and contexts.
-    """
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths must be positive token counts, got {list(lengths)}")
-    if not positions or not all(0.0 <= p <= 1.0 for p in positions):
-        raise ValueError(f"--positions must lie in [0, 1], got {list(positions)}")
-    if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
-    from codetune.checkpoints import load_for_inference
-
-    texts = load_corpus(corpus)
-    model_obj, tokenizer = load_for_inference(model)
-    started = time.monotonic()
-    scores, records = run_retrieval(
-        model_obj, tokenizer, texts, lengths, positions, samples, max_new_tokens, batch_size, seed
-    )
-    results = {
-        "benchmark": "key-retrieval",
-        "scores": scores,
-        "num_tasks": len(records),
-        "model": model,
-        "seed": seed,
-        "settings": {
-            "lengths": list(lengths),
-            "positions": list(positions),
-            "samples": samples,
-            "corpus": corpus,
-            "max_new_tokens": max_new_tokens,
-        },
-        "seconds": time.monotonic() - started,
-    }
-    write_results(out_dir, "retrieval", results, records)
-    log.info("retrieval: mean accuracy %.3f over %d prompts", scores["mean"], len(records))
-    return results

@@ -3,11 +3,9 @@
 Where the weights come from (``model.name_or_path`` or ``model.config``):
 
 - a Hub id or an exported Hugging Face folder (``config.json`` + weights);
-- a codetune training checkpoint (a ``.ckpt`` file, or a run directory whose newest ``last.ckpt`` is taken):
-  the model that run trained is rebuilt from the spec in its ``hyper_parameters``, its weights are read with
-  ``torch.load(weights_only=True)`` and any adapter is merged, so the next stage starts from it
-  (``recipes/tiny-lcft.yaml`` continues ``recipes/quickstart.yaml`` this way);
-- ``config``: a freshly initialised model of any ``model_type`` (tiny models for tests and quickstarts).
+- ``config``: a freshly initialised model of any ``model_type`` (tiny models for tests and quickstarts);
+- ``base``: a model already built by the caller — the model an earlier codetune run trained, which
+  :func:`codetune.checkpoints.trained.build_model` rebuilds when ``name_or_path`` names a run directory.
 
 Then, in order: the recipe's RoPE rescaling is written into the config before weights are used, a quantized base
 is loaded through bitsandbytes, the embeddings grow for tokens the tokenizer added (mean-initialised, padded to a
@@ -20,7 +18,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +32,7 @@ from codetune.model.adapters import (
     check_quantization_supported,
     keep_4bit_layers_trainable,
 )
+from codetune.model.attention import resolve_attn_implementation
 from codetune.model.rope import RopeScaling, apply_rope_scaling, rebuild_rotary_embeddings
 
 log = logging.getLogger(__name__)
@@ -115,27 +114,22 @@ class ModelSpec:
             self.rope.validate()
 
 
-def device_type_for_loading() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(spec: ModelSpec, tokenizer=None):
+def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: int | None = None):
     """The model to train: weights loaded, RoPE rescaled, embeddings fitted to ``tokenizer``, adapter attached.
 
-    Returns a ``transformers`` model, or a ``peft.PeftModelForCausalLM`` under LoRA/DoRA.
+    ``base`` (with the size ``base_vocab`` of its tokenizer) replaces loading ``spec.name_or_path``: the caller
+    built it, e.g. the merged model of an earlier stage. Returns a ``transformers`` model, or a
+    ``peft.PeftModelForCausalLM`` under LoRA/DoRA.
     """
     from transformers import AutoModelForCausalLM
 
-    from codetune.model.attention import resolve_attn_implementation
-
     spec.validate()
-    device_type = device_type_for_loading()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.quantization is not None:
         check_quantization_supported(spec.quantization, _quantization_device(device_type))
     attn = resolve_attn_implementation(spec.attn_implementation, device_type)
     dtype = DTYPES[spec.dtype]
-    base_vocab: int | None = None
-    source = _source_kind(spec)
+    source = "config" if spec.config is not None else "base" if base is not None else "pretrained"
     if source == "config":
         config = base_config(spec, tokenizer)
         config._attn_implementation = attn
@@ -144,9 +138,10 @@ def load_model(spec: ModelSpec, tokenizer=None):
         with torch.random.fork_rng():
             torch.manual_seed(spec.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    elif source == "checkpoint":
-        model, base_vocab = _from_training_checkpoint(spec.name_or_path, tokenizer, attn)
-        model.to(dtype)
+    elif source == "base":
+        model = base.to(dtype)
+        if attn != model.config._attn_implementation:
+            model.set_attn_implementation(attn)
         if spec.rope is not None:
             apply_rope_scaling(model.config, spec.rope)
             rebuild_rotary_embeddings(model)
@@ -198,25 +193,16 @@ def load_model(spec: ModelSpec, tokenizer=None):
 def base_config(spec: ModelSpec, tokenizer=None):
     """The base model's ``transformers`` config before ``spec.rope`` is applied (no model is built).
 
-    For a codetune checkpoint this is the architecture that run trained, its own RoPE rescaling included.
-    With ``tokenizer``, a config-built model's vocabulary is sized to it.
+    With ``tokenizer``, a config-built model's vocabulary is sized to it. (For a codetune run directory, see
+    :func:`codetune.checkpoints.trained.trained_base_config`.)
     """
     from transformers import AutoConfig
 
-    source = _source_kind(spec)
-    if source == "config":
+    if spec.config is not None:
         values = dict(spec.config)
         config = AutoConfig.for_model(values.pop("model_type"), **values)
         if tokenizer is not None:
             config.vocab_size = _padded(len(tokenizer), spec.pad_vocab_to_multiple_of)
-        return config
-    if source == "checkpoint":
-        from codetune.checkpoints import locate, read_checkpoint
-
-        trained = read_checkpoint(locate(spec.name_or_path))
-        config = base_config(trained.spec)
-        if trained.spec.rope is not None:
-            apply_rope_scaling(config, trained.spec.rope)
         return config
     return _from_hub(AutoConfig.from_pretrained, spec.name_or_path, trust_remote_code=spec.trust_remote_code)
 
@@ -259,15 +245,6 @@ def check_tokenizer_extends(base_vocab: dict[str, int], tokenizer, base: str) ->
             f"the run's tokenizer disagrees with the tokenizer of {base} on {len(moved)} tokens ({examples}); "
             "load the base's tokenizer (data.tokenizer.name_or_path) so token ids keep their meaning"
         )
-
-
-def _source_kind(spec: ModelSpec) -> Literal["config", "checkpoint", "pretrained"]:
-    if spec.config is not None:
-        return "config"
-    local = Path(spec.name_or_path).expanduser()
-    if local.is_file() or (local.is_dir() and not (local / "config.json").is_file()):
-        return "checkpoint"  # a .ckpt file, or a run directory (codetune.checkpoints.locate resolves it)
-    return "pretrained"
 
 
 def _check_hub_id(name: str, extra: dict[str, Any] | None = None) -> None:
@@ -346,42 +323,6 @@ def _local_or_hub(name_or_path: str) -> str:
 def _quantization_device(device_type: str) -> str:
     # Under DDP each process has already selected its own GPU; quantize straight onto it.
     return f"cuda:{torch.cuda.current_device()}" if device_type == "cuda" else "cpu"
-
-
-def _from_training_checkpoint(path: str, tokenizer, attn: str) -> tuple[Any, int]:
-    """The model a codetune run trained, rebuilt in full precision with adapters merged, and its vocabulary size.
-
-    The run's spec rebuilds the same structure (same loader, same embedding rows, same adapter) before its
-    weights are loaded, so every key must match; a quantized base comes back unquantized from the base model.
-    """
-    from codetune.checkpoints import (
-        build_model,
-        load_trained_weights,
-        locate,
-        merge_adapters,
-        read_checkpoint,
-    )
-
-    location = locate(path)
-    trained = read_checkpoint(location)
-    if tokenizer is not None:
-        check_tokenizer_extends(trained.tokenizer.get_vocab(), tokenizer, f"checkpoint {location.path}")
-    base = replace(
-        trained.spec,
-        quantization=None,
-        gradient_checkpointing=False,
-        dtype="float32",
-        attn_implementation="sdpa" if attn == "flash_attention_2" else attn,  # adapters merge in fp32
-    )
-    model = build_model(base, trained.tokenizer)
-    load_trained_weights(model, trained.state_dict)
-    model = merge_adapters(model)
-    if attn != model.config._attn_implementation:
-        model.set_attn_implementation(attn)
-    method = base.adapter.method
-    how = "all weights trained" if method == "full" else f"{method} adapter merged"
-    log.info("continuing from %s (step %s, %s)", location.path, trained.global_step, how)
-    return model, len(trained.tokenizer)
 
 
 def _base_tokenizer_size(spec: ModelSpec, tokenizer) -> int | None:

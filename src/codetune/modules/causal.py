@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -12,8 +11,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from codetune.checkpoints.format import add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
-from codetune.model.build import ModelSpec, load_model
+from codetune.model.build import ModelSpec
+from codetune.model.sharding import shard_model
+from codetune.strategies import check_fsdp_only, sharding_options
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,7 @@ class CausalLM(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.tokenizer = tokenizer
-        # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"model": asdict(self.spec)})
+        self.save_hyperparameters(hyperparameters(self.spec))
         self.model = None
 
     # ---- model -----------------------------------------------------------------------------------
@@ -58,8 +60,6 @@ class CausalLM(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ModelParallelStrategy):
             # FSDP2: shard each decoder layer, then the root, before Lightning builds the optimizer on the shards.
-            from codetune.model.sharding import check_fsdp_only, shard_model, sharding_options
-
             check_fsdp_only(strategy)
             shard_model(
                 self.model,
@@ -69,8 +69,8 @@ class CausalLM(L.LightningModule):
             )
 
     def build_model(self):
-        """Load the model; stages extend this (e.g. RoPE rescaling before weights are used)."""
-        return load_model(self.spec, self.tokenizer)
+        """Load the model (or continue a codetune run's); stages extend this (e.g. to log what was built)."""
+        return build_training_model(self.spec, self.tokenizer)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self.model(
@@ -155,7 +155,7 @@ class CausalLM(L.LightningModule):
     # ---- self-contained checkpoints --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
-            checkpoint["codetune_tokenizer"] = tokenizer_files(self.tokenizer)
+            add_tokenizer(checkpoint, self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint of another recipe fails here in one line rather than a page of "size mismatch" lines.
@@ -164,8 +164,6 @@ class CausalLM(L.LightningModule):
         if trainer is None or self.model is None or "state_dict" not in checkpoint:
             return
         if not isinstance(trainer.strategy, ModelParallelStrategy):
-            from codetune.resume import check_checkpoint_fits
-
             check_checkpoint_fits(
                 {k: tuple(v.shape) for k, v in self.state_dict().items()},
                 {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")},
@@ -178,22 +176,3 @@ def masked_mean(values: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Ten
     """Mean of ``values`` over ``selected`` and how many were selected: an ``extra_metrics`` value with its weight."""
     count = selected.sum()
     return (values * selected).sum() / count.clamp(min=1), count
-
-
-def tokenizer_files(tokenizer) -> dict[str, str | bytes]:
-    """The tokenizer's saved files (text, or bytes for e.g. a SentencePiece ``tokenizer.model``), so a
-    checkpoint alone is enough to export or evaluate; both types load with ``weights_only=True``."""
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        files: dict[str, str | bytes] = {}
-        for path in sorted(Path(tmp).iterdir()):
-            if path.is_file():
-                data = path.read_bytes()
-                try:
-                    files[path.name] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    files[path.name] = data
-        return files

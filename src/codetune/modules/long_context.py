@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from codetune.checkpoints.trained import trained_base_config
 from codetune.data.batch import real_tokens
 from codetune.eval.perplexity import perplexity_by_length
-from codetune.model.build import ModelSpec, base_config
+from codetune.model.build import ModelSpec
 from codetune.modules.causal import CausalLM
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class LongContextStage(CausalLM):
         if self.original_length is None:
             self.original_length = (
                 self.spec.rope.original_max_position_embeddings
-                or base_config(self.spec, self.tokenizer).max_position_embeddings
+                or trained_base_config(self.spec, self.tokenizer).max_position_embeddings
             )
         model = super().build_model()  # load_model writes spec.rope into the config before the weights load
         config = model.config

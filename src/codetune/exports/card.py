@@ -16,23 +16,14 @@ from typing import Any
 
 import yaml
 
-from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, resolve_sentinels
+from codetune.checkpoints.format import TrainedCheckpoint
+from codetune.data.fim import format_infill_prompt
+from codetune.data.tokenizer import FIMSentinels, fim_sentinels
+from codetune.exports.secrets import known_secrets, redact_text, strip_secrets
+from codetune.model.build import ModelSpec
 
 log = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
-# Keys whose values are credentials. `token` alone is not a secret marker: `pad_token`, `eos_token`,
-# `trainable_token_indices`, `tokenizer` are ordinary settings.
-_SECRET_KEY = re.compile(
-    r"(secret|password|passwd|api_?key|private_?key|credential|^token$|^hf_token$|auth_token|access_token"
-    r"|api_token|bearer|^authorization$)",
-    re.IGNORECASE,
-)
-# Credential-shaped strings wherever they appear: Hugging Face, OpenAI-style, GitHub, AWS, Slack.
-_SECRET_VALUE = re.compile(
-    r"(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-    r"|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,})"
-)
 STDLIB_PROVENANCE = (
     f"Python {sys.version_info.major}.{sys.version_info.minor} standard library sources (CPython), "
     "Python Software Foundation License 2.0"
@@ -91,31 +82,6 @@ def read_recipe(run_dir: Path | None) -> dict[str, Any] | None:
         log.warning("%s/config.yaml is not valid YAML (%s); the card omits the recipe", run_dir, err)
         return None
     return recipe if isinstance(recipe, dict) else None
-
-
-def strip_secrets(value: Any, extra: tuple[str, ...] = ()) -> Any:
-    """A copy of ``value`` with credentials replaced by ``<redacted>``: secret-named keys, token-shaped
-    strings, and any of the literal strings in ``extra`` (e.g. the Hub token in use)."""
-    if isinstance(value, dict):
-        return {
-            k: REDACTED
-            if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, "", False)
-            else strip_secrets(v, extra)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [strip_secrets(v, extra) for v in value]
-    if isinstance(value, str):
-        return redact_text(value, extra)
-    return value
-
-
-def redact_text(text: str, extra: tuple[str, ...] = ()) -> str:
-    """``text`` with token-shaped strings and the literal secrets ``extra`` replaced by ``<redacted>``."""
-    for secret in extra:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return _SECRET_VALUE.sub(REDACTED, text)
 
 
 def read_eval_results(run_dir: Path | None) -> list[dict[str, Any]]:
@@ -259,23 +225,6 @@ def hardware(recipe: dict[str, Any] | None) -> dict[str, Any]:
     return {k: trainer[k] for k in keys if trainer.get(k) is not None}
 
 
-def detect_sentinels(tokenizer, recipe: dict[str, Any] | None = None) -> FIMSentinels | None:
-    """The FIM sentinel set the tokenizer carries (the recipe's choice first, else any known set)."""
-    vocab = tokenizer.get_vocab()
-    named = find_key(((recipe or {}).get("data") or {}), "sentinels")
-    candidates = []
-    if named is not None:
-        try:
-            candidates.append(resolve_sentinels(named))
-        except (ValueError, TypeError):
-            pass
-    candidates += list(SENTINEL_SETS.values())
-    for sentinels in candidates:
-        if all(t in vocab for t in (sentinels.prefix, sentinels.suffix, sentinels.middle, sentinels.end)):
-            return sentinels
-    return None
-
-
 # ---- rendering --------------------------------------------------------------------------------------------
 
 _EXAMPLE_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """'
@@ -387,8 +336,6 @@ def _usage_section(facts: CardFacts) -> list[str]:
 
 
 def _fim_section(facts: CardFacts) -> list[str]:
-    from codetune.data.fim import format_infill_prompt
-
     s = facts.sentinels
     if s is None:
         return [
@@ -553,3 +500,76 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# ---- gathering the facts ------------------------------------------------------------------------
+
+
+def gather_facts(
+    checkpoint: TrainedCheckpoint,
+    model: Any,
+    dtype: str,
+    adapter_only: bool,
+    title: str,
+    license: str | None,
+    vocab_grew: bool = False,
+) -> CardFacts:
+    """What the card states, read from the checkpoint, the rebuilt model and the run directory."""
+    run_dir = checkpoint.location.run_dir
+    recipe = read_recipe(run_dir)
+    config = model.config
+    rope = getattr(config, "rope_parameters", None)
+    adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad) if _is_peft(model) else 0
+    return CardFacts(
+        title=title,
+        model_type=config.model_type,
+        # Under an adapter the rebuilt base is frozen and the adapter trainable: the base is what a merge keeps.
+        num_parameters=sum(p.numel() for p in model.parameters()) - adapter_params,
+        adapter_parameters=adapter_params,
+        vocab_size=model.get_input_embeddings().weight.shape[0],
+        vocab_grew=vocab_grew,
+        tokenizer_size=len(checkpoint.tokenizer),
+        export_dtype=dtype,
+        adaptation=describe_adaptation(checkpoint.spec, adapter_only),
+        base_model=checkpoint.spec.name_or_path,
+        adapter_only=adapter_only,
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        rope_parameters=dict(rope) if isinstance(rope, dict) else None,
+        sentinels=fim_sentinels(checkpoint.tokenizer),
+        fim=fim_settings(recipe),
+        sources=data_sources(recipe),
+        tokens_seen=tokens_seen(recipe, checkpoint.global_step),
+        decontamination=decontamination(recipe),
+        hardware=hardware(recipe),
+        train_seconds=train_seconds(run_dir, checkpoint.location.path),
+        global_step=checkpoint.global_step,
+        eval_results=read_eval_results(run_dir),
+        recipe=strip_secrets(recipe, known_secrets()) if recipe is not None else None,
+        license=license,
+    )
+
+
+def describe_adaptation(spec: ModelSpec, adapter_only: bool) -> str:
+    """One phrase: full fine-tuning, or the adapter, its rank, the quantized base, and how it was exported."""
+    adapter = spec.adapter
+    if adapter.method == "full":
+        return "trained from scratch (all weights)" if spec.config is not None else "full fine-tuning"
+    name = {"lora": "LoRA", "dora": "DoRA"}.get(adapter.method, adapter.method)
+    phrase = f"{name} (r={adapter.r}, alpha={adapter.alpha:g})"
+    q = spec.quantization
+    if q is not None:
+        kind = f"a 4-bit {q.quant_type.upper()}" if q.bits == 4 else "an 8-bit (LLM.int8)"
+        phrase += f" on {kind} base" + (f" (Q{name} during training)" if q.bits == 4 else "")
+    if adapter_only:
+        return phrase + ", exported as the adapter alone"
+    return (
+        phrase
+        + ", merged into a full-precision (fp32) copy of the base"
+        + (", never into the quantized weights" if q is not None else "")
+    )
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)

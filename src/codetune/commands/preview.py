@@ -13,16 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+
+from codetune.commands.fit import CodetuneCLI
 from codetune.data.batch import IGNORE_INDEX, TokenKind
 from codetune.data.rows import RowSummary
 
 
 def _datamodule(config: str, overrides: list[str]) -> Any:
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    from codetune.cli import CodetuneCLI
-
     class _DataOnly(CodetuneCLI):
         """Parses the whole recipe, instantiates only ``data``."""
 

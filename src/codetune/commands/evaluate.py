@@ -1,0 +1,390 @@
+"""``codetune eval TASK``: one skeleton — check the arguments, load the model, run the task, write the results.
+
+Each task is a typed function (its signature is the ``--help`` and the notebook API's options); what it measures
+lives in :mod:`codetune.eval` as library code that takes a loaded model. Every task writes the same two files:
+``<task>_results.json`` (scores, settings, model, seed, sandbox) and ``<task>_samples.jsonl`` (one record per
+sample), by default into the run's ``eval/<task>`` folder, where ``codetune export`` finds them for the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from codetune.checkpoints import Location, load_trained, locate
+from codetune.eval import humaneval as he
+from codetune.eval import infilling as inf
+from codetune.eval.perplexity import check_lengths, held_out_streams, perplexity_by_length
+from codetune.eval.retrieval import DEFAULT_POSITIONS, load_corpus, run_retrieval
+from codetune.eval.sandbox import Sandbox, SandboxLimits
+from codetune.storage import atomic_write
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[Any, Any], tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
+"""A task's measurement on a loaded ``(model, tokenizer)``: ``(scores, records, extra results fields)``."""
+
+
+def run_task(
+    name: str,
+    benchmark: str,
+    model: str | None,
+    out_dir: str | None,
+    settings: dict[str, Any],
+    work: Work,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Load ``model`` (unless ``loaded`` is given), run ``work`` on it, write and return the results."""
+    started = time.monotonic()
+    model_obj, tokenizer = loaded if loaded is not None else load_trained(model)
+    scores, records, extra = work(model_obj, tokenizer)
+    results = {
+        "benchmark": benchmark,
+        "scores": scores,
+        **({"num_tasks": len(records)} if records else {}),
+        "model": model,
+        "settings": settings,
+        **extra,
+    }
+    results.setdefault("seconds", time.monotonic() - started)
+    write_results(out_dir, name, results, records)
+    log.info("%s: %s on %d tasks", benchmark, scores, len(records))
+    return results
+
+
+# ---- results files ----------------------------------------------------------------------------------------
+
+
+def _run_checkpoint(model: Any) -> Location | None:
+    """The training checkpoint ``model`` names (in a run directory), or None for an exported folder or other input."""
+    if not isinstance(model, (str, Path)):
+        return None
+    try:
+        location = locate(model)
+    except (OSError, ValueError):
+        return None
+    return location if location.kind == "checkpoint" and location.run_dir is not None else None
+
+
+def default_out_dir(location: Location | None, name: str) -> Path:
+    """Where results go when no ``out_dir`` is given: for a run's checkpoint, ``<run>/eval/<name>`` for its
+    ``last`` checkpoint (where the model card looks) and ``<run>/eval/<checkpoint>/<name>`` for another one;
+    else ``eval/<name>``."""
+    if location is None:
+        return Path("eval") / name
+    folder = Path(location.run_dir) / "eval"
+    return folder / name if location.path.name == "last.ckpt" else folder / location.path.stem / name
+
+
+def write_results(
+    out_dir: str | Path | None, name: str, results: dict[str, Any], records: list[dict[str, Any]]
+) -> Path:
+    """Write ``{name}_results.json`` and ``{name}_samples.jsonl`` into ``out_dir`` (``None``: see
+    :func:`default_out_dir` of ``results["model"]``), each atomically; returns the results path."""
+    location = _run_checkpoint(results.get("model"))
+    out = default_out_dir(location, name) if out_dir is None else Path(out_dir).expanduser()
+    if location is not None:
+        # Which weights were scored: a run's checkpoint changes when training resumes, and the model card says so.
+        results = {
+            **results,
+            "checkpoint": {"path": str(location.path), "mtime": location.path.stat().st_mtime},
+        }
+    samples = atomic_write(out / f"{name}_samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    path = atomic_write(out / f"{name}_results.json", json.dumps(results, indent=2) + "\n")
+    log.info("results: %s (per sample: %s)", path, samples)
+    return path
+
+
+# ---- tasks ------------------------------------------------------------------------------------------------
+
+
+def evaluate_humaneval(
+    model: str | None = None,
+    completions: str | None = None,
+    n: int = 1,
+    k: tuple[int, ...] = (1,),
+    temperature: float | None = None,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    chat: bool = False,
+    limit: int | None = None,
+    out_dir: str | None = None,
+    seed: int = 0,
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """HumanEval pass@k of a model (``model``) or of completions produced elsewhere (``completions``).
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory to generate with.
+        completions: JSONL file of ``{"task_id", "completion"}`` lines to score instead of generating.
+        n: Samples per task when generating.
+        k: The k of pass@k to report; each must be <= n.
+        temperature: Sampling temperature; default greedy for n=1 and 0.8 (Code Llama) for n>1.
+        top_p: Nucleus sampling mass when sampling.
+        max_new_tokens: Generation budget per completion.
+        batch_size: Prompts per generation batch.
+        chat: Wrap each prompt in the tokenizer's chat template (instruct models) and take the reply's code.
+        limit: Only the first ``limit`` tasks (quick checks); the results record how many were run.
+        out_dir: Where ``humaneval_results.json`` (and per-sample JSONL) go. Default: ``eval/humaneval`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/humaneval``.
+        seed: Seed of the sampling.
+        timeout: Wall-clock seconds per program in the sandbox.
+        memory_mb: Address-space limit per program in the sandbox, in MiB.
+        workers: Parallel sandbox processes (default: one per CPU core).
+
+    Returns:
+        The results dict that is also written to ``humaneval_results.json``.
+    """
+    ks = sorted(set(k))
+    if (model is None) == (completions is None):
+        raise ValueError("give exactly one of --model (generate) or --completions (score a JSONL file)")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k must list values >= 1, got {list(k)}")
+    if model is not None and max(ks) > n:
+        raise ValueError(f"pass@{max(ks)} needs k <= n samples per task, got n={n}: raise --n or lower --k")
+    _check_limit(limit)
+    problems = he.load_problems()
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    sandbox = Sandbox(SandboxLimits(timeout=timeout, memory_mb=memory_mb), workers=workers)
+    settings: dict[str, Any] = {"k": ks, "timeout": timeout, "memory_mb": memory_mb, "limit": limit}
+    given: dict[str, list[str]] | None = None
+    if completions is not None:
+        given = he.read_completions(completions, he.load_problems())
+        outside = sorted(set(given) - set(problems))
+        if outside:
+            raise ValueError(f"{completions}: tasks {outside[:3]} are beyond --limit {limit}")
+        if len(given) < len(problems):
+            log.warning(
+                "humaneval: %s has no completion for %d of %d tasks; scoring the rest",
+                completions,
+                len(problems) - len(given),
+                len(problems),
+            )
+        problems = {t: problems[t] for t in given}
+    else:
+        if temperature is None:
+            temperature = 0.0 if n == 1 else he.DEFAULT_SAMPLING_TEMPERATURE
+        settings |= {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
+            "chat": chat,
+        }
+
+    def work(model_obj: Any, tokenizer: Any):
+        started = time.monotonic()
+        by_task = given
+        if by_task is None:
+            by_task = he.generate_completions(
+                model_obj, tokenizer, problems, n, temperature, top_p, max_new_tokens, batch_size, chat, seed
+            )
+        generated = time.monotonic()
+        scores, records = he.score_completions(problems, by_task, ks, sandbox)
+        extra = {
+            "num_tasks": len(problems),
+            "num_samples": len(records),
+            "completions": completions,
+            "seed": seed,
+            "sandbox": sandbox.report.as_dict(),
+            "seconds": {"generation": generated - started, "execution": time.monotonic() - generated},
+        }
+        return scores, records, extra
+
+    # Given completions need no model.
+    loaded = (None, None) if given is not None else None
+    return run_task("humaneval", "humaneval", model, out_dir, settings, work, loaded=loaded)
+
+
+def evaluate_infilling(
+    model: str,
+    mode: inf.InfillMode = "single-line",
+    format: Literal["psm", "spm"] = "psm",
+    sentinels: str | None = None,
+    limit: int | None = None,
+    per_problem: int = 1,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    out_dir: str | None = None,
+    seed: int = 0,
+    timeout: float = 3.0,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
+        mode: ``single-line``, ``multi-line`` or ``random-span``.
+        format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
+        sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
+        limit: Only the first ``limit`` HumanEval problems.
+        per_problem: Tasks per problem (distinct gaps).
+        max_new_tokens: Generation budget per infill.
+        batch_size: Prompts per generation batch.
+        out_dir: Where ``infilling_results.json`` (and per-sample JSONL) go. Default: ``eval/infilling`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/infilling``.
+        seed: Seed of the task derivation.
+        timeout: Wall-clock seconds per program in the sandbox.
+        workers: Parallel sandbox processes (default: one per CPU core).
+    """
+    inf.check_mode(mode)
+    inf.check_format(format)
+    _check_limit(limit)
+    problems = he.load_problems()
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
+    settings: dict[str, Any] = {
+        "mode": mode,
+        "format": format,
+        "limit": limit,
+        "per_problem": per_problem,
+        "max_new_tokens": max_new_tokens,
+        "timeout": timeout,
+    }
+
+    def work(model_obj: Any, tokenizer: Any):
+        scores, records, chosen = inf.run_infilling(
+            model_obj, tokenizer, problems, mode, format, sentinels, per_problem, max_new_tokens, batch_size,
+            seed, sandbox,
+        )  # fmt: skip
+        settings["sentinels"] = asdict(chosen)
+        return scores, records, {"seed": seed, "sandbox": sandbox.report.as_dict()}
+
+    return run_task("infilling", f"humaneval-infilling-{mode}", model, out_dir, settings, work)
+
+
+def evaluate_retrieval(
+    model: str,
+    lengths: tuple[int, ...] = (1024, 2048, 4096),
+    positions: tuple[float, ...] = DEFAULT_POSITIONS,
+    samples: int = 2,
+    corpus: str = "@stdlib",
+    max_new_tokens: int = 4,
+    batch_size: int = 1,
+    out_dir: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Key-retrieval accuracy of a model per (context length, relative position), greedy decoding.
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
+        lengths: Prompt lengths in tokens.
+        positions: Relative positions of the key function in the context, each in [0, 1].
+        samples: Prompts per (length, position), each with its own value and context.
+        corpus: Folder of code for the context, or ``@stdlib``.
+        max_new_tokens: Tokens to generate for the answer.
+        batch_size: Prompts per generation batch (long prompts: keep small).
+        out_dir: Where ``retrieval_results.json`` (and per-sample JSONL) go. Default: ``eval/retrieval`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/retrieval``.
+        seed: Seed of the values and contexts.
+    """
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--lengths must be positive token counts, got {list(lengths)}")
+    if not positions or not all(0.0 <= p <= 1.0 for p in positions):
+        raise ValueError(f"--positions must lie in [0, 1], got {list(positions)}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    texts = load_corpus(corpus)
+    settings = {
+        "lengths": list(lengths),
+        "positions": list(positions),
+        "samples": samples,
+        "corpus": corpus,
+        "max_new_tokens": max_new_tokens,
+    }
+
+    def work(model_obj: Any, tokenizer: Any):
+        scores, records = run_retrieval(
+            model_obj, tokenizer, texts, lengths, positions, samples, max_new_tokens, batch_size, seed
+        )
+        return scores, records, {"seed": seed}
+
+    return run_task("retrieval", "key-retrieval", model, out_dir, settings, work)
+
+
+def evaluate_perplexity(
+    model: str,
+    lengths: list[int] = [1024, 2048, 4096],  # noqa: B006 - jsonargparse reads the default from here
+    corpus: str = "@stdlib",
+    include: list[str] | None = None,
+    source_name: str = "stdlib",
+    held_out_fraction: float = 0.05,
+    split_seed: int = 0,
+    max_tokens: int | None = 200_000,
+    batch_tokens: int = 8192,
+    out_dir: str | None = None,
+) -> dict:
+    """Perplexity of a model on held-out code at several context lengths.
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
+        lengths: Context lengths in tokens, e.g. ``[1024, 2048, 4096]``.
+        corpus: Folder of code files (``@stdlib``: the Python standard library).
+        include: Globs of files to read (default ``**/*.py``).
+        source_name: The ``name`` the recipe gave this source; the train/validation split hashes it, so it must
+            match for the held-out files to be the ones the model never trained on.
+        held_out_fraction: Score only files on the validation side of the split the data module made with this
+            fraction (the recipe's ``data.split.val_fraction``), so training files are not scored.
+        split_seed: The recipe's ``data.split.seed``. The defaults of these three match
+            ``data_modules/stdlib.yaml``, the quickstart's data.
+        max_tokens: Score at most this many tokens of text.
+        batch_tokens: Tokens per forward pass.
+        out_dir: Where ``perplexity_results.json`` (and per-sample JSONL) go. Default: ``eval/perplexity`` inside the run
+            when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
+            ``./eval/perplexity``.
+    """
+    lengths = check_lengths(lengths)
+    include = include or ["**/*.py"]
+    settings = {
+        "corpus": corpus,
+        "include": include,
+        "source_name": source_name,
+        "held_out_fraction": held_out_fraction,
+        "split_seed": split_seed,
+        "max_tokens": max_tokens,
+    }
+
+    def work(model_obj: Any, tokenizer: Any):
+        streams = held_out_streams(tokenizer, corpus, include, source_name, held_out_fraction, split_seed)
+        report = perplexity_by_length(
+            model_obj, streams, lengths, batch_tokens=batch_tokens, max_tokens=max_tokens
+        )
+        for length in report.perplexity:
+            print(
+                f"length {length:>6}: perplexity {report.perplexity[length]:.3f} over "
+                f"{report.tokens[length]:,} tokens"
+            )
+        extra = {
+            "perplexity": {str(k): v for k, v in report.perplexity.items()},
+            "tokens": {str(k): v for k, v in report.tokens.items()},
+        }
+        return {f"perplexity@{k}": v for k, v in report.perplexity.items()}, [], extra
+
+    return run_task("perplexity", "perplexity", model, out_dir, settings, work)
+
+
+TASKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "humaneval": evaluate_humaneval,
+    "infilling": evaluate_infilling,
+    "retrieval": evaluate_retrieval,
+    "perplexity": evaluate_perplexity,
+}
+"""``codetune eval`` sub-commands and ``codetune.evaluate`` tasks."""
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")

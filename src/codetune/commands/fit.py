@@ -1,0 +1,215 @@
+"""``codetune fit|validate|test``: a recipe through LightningCLI, with codetune's defaults and an end-of-run summary.
+
+LightningCLI's subcommands are Trainer methods; it builds model, data and Trainer from the recipe for each.
+:class:`CodetuneCLI` adds what codetune needs around that: its callbacks (progress with tokens/s, atomic
+checkpoints carrying RNG states), a CSV logger by default, the one tokenizer linked from the data module into
+the model, checks of ``trainer.devices`` and ``--ckpt_path`` before anything is built, a validation before and
+after ``fit``, and the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+import codetune.strategies  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
+from codetune.callbacks import ProgressBar, Throughput
+from codetune.checkpoints import locate
+from codetune.checkpoints.format import checkpoint_shapes
+from codetune.commands.recipe_errors import condensed_parse_errors
+from codetune.commands.summary import print_summary, val_loss, val_losses
+from codetune.data.datamodule import CodeDataModule
+from codetune.modules.causal import CausalLM
+from codetune.resume import AtomicCheckpoint, RNGState
+
+RECIPE_COMMANDS = ("fit", "validate", "test")
+
+# Attribute docstrings of recipe dataclasses (ModelSpec, FIMConfig, ...) become --help text and the reference.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class CodetuneCLI(LightningCLI):
+    """LightningCLI with codetune's defaults, the tokenizer link and an end-of-run summary."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        self.initial_val_loss: float | None = None
+        self.final_val_loss: float | None = None
+        # Per source (val/loss/<name>), when the stage logs them.
+        self.initial_val_losses: dict[str, float] = {}
+        self.final_val_losses: dict[str, float] = {}
+        self.fit_seconds: float = 0.0
+        super().__init__(
+            CausalLM,
+            CodeDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": False},
+            trainer_defaults={
+                "default_root_dir": "runs",
+                # Checkpoints are written atomically and carry every rank's RNG states (codetune.resume).
+                "callbacks": [
+                    ProgressBar(leave=True),
+                    Throughput(),
+                    AtomicCheckpoint(save_last=True),
+                    RNGState(),
+                ],
+            },
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.logger in (None, True):
+            # CSV by default (no extra dependency); TensorBoard / W&B when the recipe names their logger.
+            trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": trainer.default_root_dir or "runs"},
+            }
+        if trainer.enable_progress_bar is False:
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
+            ]
+        if _use_atomic_checkpoints(trainer.callbacks):
+            # The recipe configures its own checkpointing (e.g. every_n_train_steps): no second default one.
+            self.trainer_defaults["callbacks"] = [
+                c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
+            ]
+        check_devices(trainer)
+
+    def parse_arguments(self, parser, args) -> None:
+        # A rejected recipe is one line (the key, the problem, the fix), not a usage block and an error tree.
+        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        for each in parsers:
+            each.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            options = {o for each in parsers for o in each._option_string_actions if o.startswith("--")}
+            raise ValueError(condensed_parse_errors(str(err), options)) from None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would torch.load the whole checkpoint here, optimizer states included, on every rank, to
+        # replace the recipe's model arguments by the checkpoint's. In codetune the recipe decides the model and
+        # the checkpoint must fit it (its shapes are compared when it loads); here it only has to exist and be
+        # readable, checked without reading the weights.
+        if self.config.get("subcommand"):
+            config = self.config[self.config.subcommand]
+            config["ckpt_path"] = check_ckpt_path(config.get("ckpt_path"))
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # One tokenizer for both sides: the model sizes its embeddings from the data module's tokenizer.
+        parser.link_arguments(
+            "data", "model.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate"
+        )
+
+    def before_fit(self) -> None:
+        resuming = self.config[self.subcommand].get("ckpt_path") is not None
+        # A resumed run's "before" is the checkpoint, not the freshly built model: no validation of the latter.
+        if self.trainer.limit_val_batches != 0 and not resuming:
+            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self.initial_val_loss, self.initial_val_losses = val_loss(metrics), val_losses(metrics)
+        self._fit_started = time.perf_counter()
+
+    def after_fit(self) -> None:
+        self.fit_seconds = time.perf_counter() - self._fit_started
+        if self.trainer.limit_val_batches != 0:
+            metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self.final_val_loss, self.final_val_losses = val_loss(metrics), val_losses(metrics)
+        run_dir = self.trainer.log_dir  # a broadcast under multi-process strategies: every rank must ask
+        if self.trainer.is_global_zero:
+            print_summary(self, run_dir)
+
+
+_CHECKPOINT_CLASSES = {
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+}
+_FSDP_STRATEGIES = ("fsdp2", "codetune.strategies.FSDP2Strategy", "ModelParallelStrategy")
+
+
+def _use_atomic_checkpoints(callbacks: Any) -> bool:
+    """Swap a recipe's Lightning ``ModelCheckpoint`` for :class:`AtomicCheckpoint` (same arguments, atomic writes);
+    True when the recipe configures checkpointing itself."""
+    found = False
+    for callback in callbacks or []:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        if class_path in _CHECKPOINT_CLASSES:
+            callback["class_path"] = "codetune.resume.AtomicCheckpoint"
+        found = found or class_path in (*_CHECKPOINT_CLASSES, "codetune.resume.AtomicCheckpoint")
+    return found
+
+
+def check_devices(trainer: Any) -> None:
+    """Fail before anything is built when ``trainer.devices`` asks for more devices than the machine has; run
+    FSDP with a single process as a plain single-device run, with a warning (sharding over one process saves
+    nothing and costs the wrapping)."""
+    import torch
+
+    devices = trainer.get("devices", "auto")
+    wanted = len(devices) if isinstance(devices, list) else devices
+    if isinstance(wanted, str) and wanted.strip().lstrip("-").isdigit():
+        wanted = int(wanted)
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("cpu", "gpu", "cuda", "auto") and isinstance(wanted, int) and wanted > 0:
+        if on_gpu:
+            available, kind = torch.cuda.device_count(), "CUDA GPU(s)"
+        else:
+            available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            kind = "CPU core(s) (one process per device)"
+        if wanted > (available or 1):
+            raise ValueError(
+                f"trainer.devices={wanted} but this machine has {available} {kind}; lower trainer.devices "
+                "(more machines: trainer.num_nodes, see docs/scaling.md)"
+            )
+    strategy = trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy.get("class_path") if strategy else None)
+    processes = (
+        wanted * int(trainer.get("num_nodes") or 1) if isinstance(wanted, int) and wanted > 0 else None
+    )
+    if name and name.endswith(_FSDP_STRATEGIES) and processes == 1:
+        logging.getLogger(__name__).warning(
+            "trainer.strategy=%s with a single device: running unsharded (strategy auto) instead; FSDP needs "
+            "trainer.devices > 1 (or num_nodes > 1), and a model that only fits sharded will not fit here",
+            name.rsplit(".", 1)[-1],
+        )
+        trainer.strategy = "auto"
+
+
+def check_ckpt_path(ckpt_path: Any) -> Any:
+    """``--ckpt_path`` must exist (``last``/``best``/``hpc`` are resolved by Lightning; ``last`` before any run
+    is not an error, so a resume command can be used from the start). A run directory stands for its newest
+    ``last.ckpt``, as for ``codetune export`` and ``eval``; returns the checkpoint to use."""
+    special = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+    if ckpt_path is None or special or "://" in str(ckpt_path):
+        return ckpt_path
+    if not Path(ckpt_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path}: no such checkpoint file or folder (use --ckpt_path last to resume the "
+            "newest run of this recipe's default_root_dir)"
+        )
+    location = locate(ckpt_path)
+    if location.kind != "checkpoint":
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: an exported model folder, not a training checkpoint; start from it with "
+            "--model.init_args.model.name_or_path instead"
+        )
+    checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
+    return str(location.path)
+
+
+def _tokenizer_of(datamodule):
+    return datamodule.tokenizer

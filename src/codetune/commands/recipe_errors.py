@@ -1,0 +1,123 @@
+"""A recipe the parser rejects gets one line: the key, what is wrong with it, and the likely fix.
+
+jsonargparse reports a bad value inside a ``class_path`` entry as a tree of union alternatives (40-60 lines under
+a usage block); the line that matters is its deepest leaf. That leaf is turned into ``<key>: <problem>``, with a
+did-you-mean for a misspelt option and the new home of a setting that moved (old recipes keep working or say
+where to go).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Iterable
+
+MOVED_OPTIONS: dict[str, str] = {
+    "sentinels": (
+        "the FIM sentinel set is set once, on the tokenizer: data.init_args.tokenizer.sentinels (leave it unset to "
+        "use the set a pretrained tokenizer carries); remove it here"
+    ),
+}
+"""Options that moved: option name -> where it is set now."""
+MOVED_CLASS_PATHS: dict[str, str] = {
+    "codetune.model.sharding.FSDP2Strategy": "codetune.strategies.FSDP2Strategy",
+}
+"""Class paths that moved: old -> new."""
+
+_SKIP = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+)
+_KEY = re.compile(r'^Parser key "([^"]+)":?$')
+_CLASS = re.compile(r"^Problem with given class_path '([^']+)':?$")
+_NOT_ACCEPTED = re.compile(r"^(?:Option|Key) '([^']+)' is not accepted")
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
+
+
+def condensed_parse_errors(message: str, known_options: Iterable[str] = ()) -> str:
+    """One line for a jsonargparse error ``message``; ``known_options`` (``--trainer.max_steps`` ...) feed the
+    did-you-mean of an unrecognized command-line option."""
+    for old, new in MOVED_CLASS_PATHS.items():
+        if old in message:
+            return f"class_path {old} moved: write {new}"
+    unrecognized = _UNRECOGNIZED.match(message.strip().splitlines()[0]) if message.strip() else None
+    if unrecognized:
+        return _unrecognized(unrecognized.group(1), known_options)
+    path, leaf = _deepest_leaf(message)
+    key = ".".join(path)
+    accepted = _NOT_ACCEPTED.match(leaf)
+    if accepted:
+        option = accepted.group(1)
+        owner = _owner_class(message, path)
+        full = f"{key}.{option}" if key else option
+        if option in MOVED_OPTIONS:
+            return f"{full}: moved — {MOVED_OPTIONS[option]}"
+        close = difflib.get_close_matches(option, _options_of(owner), n=1) if owner else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{full}: {owner or 'this section'} has no option {option!r}{hint}"
+    return f"{key}: {leaf}" if key else leaf
+
+
+def _deepest_leaf(message: str) -> tuple[list[str], str]:
+    """The key path (``model.init_args.model``) and text of the most deeply nested problem in the error tree."""
+    stack: list[tuple[int, str | None]] = []
+    best: tuple[int, list[str], str] | None = None
+    for raw in message.splitlines():
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip())
+        line = raw.strip().removeprefix("- ").strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key, cls = _KEY.match(line), _CLASS.match(line)
+        if key or cls:
+            stack.append((indent, key.group(1) if key else None))
+            continue
+        if line.startswith(_SKIP):
+            continue
+        segments = [s if s is not None else "init_args" for _, s in stack]
+        if best is None or len(segments) > best[0]:
+            best = (len(segments), segments, line)
+    if best is None:
+        return [], message.strip().splitlines()[0] if message.strip() else "invalid recipe"
+    return best[1], best[2]
+
+
+def _owner_class(message: str, path: list[str]) -> str | None:
+    """The innermost ``class_path`` the deepest problem belongs to."""
+    found = re.findall(r"Problem with given class_path '([^']+)'", message)
+    return found[-1] if found and path and path[-1] == "init_args" else None
+
+
+def _options_of(class_path: str) -> list[str]:
+    """The parameters a recipe may set for ``class_path`` (constructor arguments or dataclass fields)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return []
+    return [p for p in parameters if p != "self" and parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _unrecognized(arguments: str, known_options: Iterable[str]) -> str:
+    options = [a for a in arguments.split() if a.startswith("--")]
+    known = sorted(set(known_options))
+    parts = []
+    for option in options or [arguments]:
+        name = option.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return "unknown option " + ", ".join(parts) + "; `codetune fit --help` lists the options"
