@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from codetune.data.curation import (
     CurationConfig,
     Curator,
+    Split,
     content_hash,
     curate,
     evaluation_texts,
@@ -26,13 +27,13 @@ def _stdlib(include: list[str], max_files: int | None = None) -> list[Document]:
 
 
 def _plain(**overrides) -> CurationConfig:
-    """Only what a test switches on: no decontamination, no dedup, no split."""
-    base = {"exact_dedup": False, "decontaminate": False, "val_fraction": 0.0}
+    """Only what a test switches on: no decontamination, no dedup (and, in _run, no split)."""
+    base = {"exact_dedup": False, "decontaminate": False}
     return CurationConfig(**{**base, **overrides})
 
 
-def _run(docs, config, split=None):
-    stream, report = curate(docs, config, split)
+def _run(docs, config, side=None, holdout: Split | None = None):
+    stream, report = curate(docs, config, side, holdout or Split(val_fraction=0.0))
     kept = list(stream)
     assert report.seen == report.kept + sum(report.removed.values())
     return kept, report
@@ -138,10 +139,10 @@ def test_near_dedup_without_datasketch_says_how_to_install(monkeypatch):
 
 def test_split_is_deterministic_disjoint_and_complete():
     docs = _stdlib(["**/*.py"], max_files=400)
-    config = _plain(exact_dedup=True, val_fraction=0.2)
-    train, _ = _run(docs, config, split="train")
-    val, report = _run(docs, config, split="validation")
-    again, _ = _run(docs, config, split="validation")
+    config, holdout = _plain(exact_dedup=True), Split(val_fraction=0.2)
+    train, _ = _run(docs, config, "train", holdout)
+    val, report = _run(docs, config, "validation", holdout)
+    again, _ = _run(docs, config, "validation", holdout)
     assert [d.doc_id for d in val] == [d.doc_id for d in again]
     assert not {d.doc_id for d in train} & {d.doc_id for d in val}
     assert len(train) + len(val) == report.kept
@@ -155,8 +156,8 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 def test_a_documents_side_does_not_depend_on_the_rest_of_the_corpus():
     docs = _stdlib(["**/*.py"], max_files=200)
-    full, _ = _run(docs, _plain(val_fraction=0.3))
-    part, _ = _run(docs[::3], _plain(val_fraction=0.3))
+    full, _ = _run(docs, _plain(), holdout=Split(val_fraction=0.3))
+    part, _ = _run(docs[::3], _plain(), holdout=Split(val_fraction=0.3))
     side = {d.doc_id: d.meta["split"] for d in full}
     assert all(side[d.doc_id] == d.meta["split"] for d in part)
     assert split_of(docs[0], 0.3) == side[docs[0].doc_id]
@@ -174,9 +175,9 @@ def test_no_copy_or_near_copy_crosses_the_split():
     ]
     docs = originals + copies + forks
     # without dedup, the split alone would put some copy on the other side of its original
-    config = _plain(val_fraction=0.5, split_seed=3)
+    holdout = Split(val_fraction=0.5, seed=3)
     assert any(split_of(c, 0.5, 3) != split_of(o, 0.5, 3) for c, o in zip(copies, originals, strict=True))
-    kept, _ = _run(docs, CurationConfig(**{**config.__dict__, "exact_dedup": True, "near_dedup": True}))
+    kept, _ = _run(docs, _plain(exact_dedup=True, near_dedup=True), holdout=holdout)
     train = [d for d in kept if d.meta["split"] == "train"]
     val = [d for d in kept if d.meta["split"] == "validation"]
     assert train and val
@@ -287,11 +288,15 @@ def test_curation_config_parses_from_a_recipe_and_rejects_bad_values():
 
     parser = ArgumentParser()
     parser.add_argument("--curation", type=CurationConfig)
-    parsed = parser.parse_object({"curation": {"near_dedup": True, "val_fraction": 0.05, "redact": True}})
-    config = parser.instantiate_classes(parsed).curation
-    assert config == CurationConfig(near_dedup=True, val_fraction=0.05, redact=True)
+    parser.add_argument("--split", type=Split)
+    parsed = parser.parse_object(
+        {"curation": {"near_dedup": True, "redact": True}, "split": {"val_fraction": 0.05}}
+    )
+    config = parser.instantiate_classes(parsed)
+    assert config.curation == CurationConfig(near_dedup=True, redact=True)
+    assert config.split == Split(val_fraction=0.05)
     with pytest.raises(ValueError, match="val_fraction"):
-        CurationConfig(val_fraction=1.5)
+        Split(val_fraction=1.5)
 
 
 def test_report_summary_mentions_every_reason():

@@ -234,3 +234,32 @@ def test_early_dropout_with_p_sets_every_site_including_unconfigured_ones(tiny_l
 def test_early_dropout_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EarlyDropout(**kwargs)
+
+
+def test_matrices_decay_and_biases_norm_gains_and_dora_magnitudes_do_not(tokenizer, tiny_llama):
+    from codetune.model.adapters import Adapter
+    from codetune.model.build import ModelSpec
+    from codetune.modules.causal import CausalLM
+
+    config = {**tiny_llama, "attention_bias": True}  # q/k/v/o biases as well
+    for adapter in (Adapter(method="full"), Adapter(method="dora", r=4)):
+        module = CausalLM(
+            model=ModelSpec(config=config, adapter=adapter),
+            tokenizer=tokenizer,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
+        )
+        module.configure_model()
+        optimizer = module.configure_optimizers()
+        names = {id(p): n for n, p in module.named_parameters()}
+        decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        kept = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        assert decayed | kept == trainable and not decayed & kept
+        assert kept and all(
+            n.endswith(("bias", "norm.weight", "lora_magnitude_vector.default.weight")) for n in kept
+        )
+        assert all(not n.endswith("bias") and "norm" not in n for n in decayed)
+        if adapter.method == "full":
+            assert "model.model.embed_tokens.weight" in decayed and any("q_proj.bias" in n for n in kept)
+        else:
+            assert any("lora_magnitude_vector" in n for n in kept) and any("lora_A" in n for n in decayed)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from codetune.checkpoints.trained import build_training_model
 from codetune.data.tokenizer import SENTINEL_SETS, ensure_sentinels
 from codetune.model.adapters import Adapter, Quantization
 from codetune.model.build import ModelSpec, load_model
@@ -212,7 +213,7 @@ def test_a_qlora_checkpoint_loads_weights_only_and_merges_into_the_full_precisio
     assert any(
         k.endswith("q_proj.base_layer.weight.absmax") for k in state
     )  # the 4-bit base as bitsandbytes saves it
-    continued = load_model(ModelSpec(name_or_path=str(path)), tokenizer)
+    continued = build_training_model(ModelSpec(name_or_path=str(path)), tokenizer)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     merged = dict(continued.named_modules())
     original = dict(base.named_modules())

@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import CLI
 
 from codetune.commands import COMMANDS, RECIPE_COMMANDS, resolve
+from codetune.errors import first_line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +109,7 @@ def root_cause(err: BaseException) -> str:
         err = err.__cause__ or err.__context__
     ours = [e for e in chain if _raised_by_codetune(e)]
     chosen = ours[0] if ours else chain[-1]
-    return str(chosen).splitlines()[0] if str(chosen) else type(chosen).__name__
+    return first_line(chosen)
 
 
 def _raised_by_codetune(err: BaseException) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from codetune.checkpoints.locate import Location, locate
+from codetune.errors import first_line
 from codetune.lightning_private import load_distributed_checkpoint
 from codetune.model.build import ModelSpec
 
@@ -125,7 +126,7 @@ def _load_raw(path: Path) -> dict[str, Any]:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
     except Exception as err:  # UnpicklingError, a truncated zip, ...: name the file, keep it to one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise ValueError(f"{path}: not a readable checkpoint ({reason})") from None
 
 
@@ -186,7 +187,7 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # unpickling, zip and metadata errors alike: name the path, not the reader
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
     if reason is not None:  # raised outside the handler, so the one-line report shows this message
         raise ValueError(f"--ckpt_path {path}: not a readable checkpoint ({reason})")
     if path.is_dir():

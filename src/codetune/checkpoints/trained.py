@@ -19,6 +19,7 @@ import torch
 
 from codetune.checkpoints.format import TrainedCheckpoint, quantized_keys, read_checkpoint
 from codetune.checkpoints.locate import is_training_checkpoint, locate
+from codetune.errors import first_line
 from codetune.model.build import ModelSpec, base_config, check_tokenizer_extends, load_model
 from codetune.model.rope import apply_rope_scaling
 
@@ -119,7 +120,7 @@ def check_base_available(name: str, trust_remote_code: bool = False, from_option
             str(local) if local.exists() else name, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise FileNotFoundError(f"base model {name} ({where}) cannot be loaded: {reason}{hint}") from None
 
 

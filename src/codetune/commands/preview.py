@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 
 from codetune.commands.fit import CodetuneCLI
 from codetune.data.batch import IGNORE_INDEX, TokenKind
-from codetune.data.rows import RowSummary
+from codetune.data.packing import RowSummary
 
 
 def _datamodule(config: str, overrides: list[str]) -> Any:

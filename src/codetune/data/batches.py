@@ -204,9 +204,6 @@ class ResumableLoader(DataLoader):
                 self.dataset.consumed = batch.pop(POSITION_KEY)
             yield batch
 
-    def mark_consumed(self, position: Position) -> None:
-        self.dataset.consumed = tuple(position)
-
     def state_dict(self) -> dict[str, Any]:
         epoch, done = self.dataset.consumed
         return {

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from codetune.data.batch import IGNORE_INDEX
 from codetune.data.sources import Document, SkipReport, _check_on_error, bad_record, jsonl_records
+from codetune.data.tokenizer import added_bos, backend_copy
 
 ROLES = ("system", "user", "assistant")
 
@@ -207,22 +208,13 @@ class ChatEncoder:
     """
 
     def __init__(self, tokenizer: Any, template: str = "codetune") -> None:
-        from tokenizers import Tokenizer
-
         self.tokenizer = tokenizer
         self.template_name = template
         self.template = resolve_template(template, tokenizer)
-        backend = tokenizer.backend_tokenizer
-        # Private copies so the caller's tokenizer keeps its settings; `text` never matches special tokens.
-        self._markup = Tokenizer.from_str(backend.to_str())
-        self._text = Tokenizer.from_str(backend.to_str())
-        self._text.encode_special_tokens = True
-        for tok in (self._markup, self._text):
-            tok.no_truncation()
-            tok.no_padding()
-        bos = getattr(tokenizer, "bos_token_id", None)
-        with_special = backend.encode("a", add_special_tokens=True).ids
-        self.bos_id: int | None = bos if bos is not None and with_special[:1] == [bos] else None
+        # `text` never matches special tokens; `markup` does (the template's own end-of-text token).
+        self._markup = backend_copy(tokenizer)
+        self._text = backend_copy(tokenizer, text_only=True)
+        self.bos_id = added_bos(tokenizer)
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The conversation as the template lays it out (text, not tokens)."""

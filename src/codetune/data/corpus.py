@@ -28,9 +28,10 @@ from typing import Any, Literal
 import numpy as np
 
 from codetune.data.chat import ChatEncoder, ChatFiles
-from codetune.data.curation import CurationConfig, CurationReport, Curator, Split
+from codetune.data.curation import CurationConfig, CurationReport, Curator, Side, Split
 from codetune.data.packing import PackDocument
 from codetune.data.sources import CodeFiles, Document, SkipReport
+from codetune.data.tokenizer import added_bos, backend_copy
 from codetune.storage import atomic_folder
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,10 @@ class DocumentEncoder:
         offsets: bool,
         chat_template: str = "codetune",
     ) -> None:
-        from tokenizers import Tokenizer
-
         self.objectives = dict(objectives)
         self.offsets = offsets
-        backend = tokenizer.backend_tokenizer
-        self._plain = Tokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True  # code is text: `<PRE>` in a file must not become a sentinel
-        self._plain.no_truncation()
-        self._plain.no_padding()
-        bos = getattr(tokenizer, "bos_token_id", None)
-        with_special = backend.encode("a", add_special_tokens=True).ids
-        self.bos_id: int | None = bos if bos is not None and with_special[:1] == [bos] else None
+        self._plain = backend_copy(tokenizer, text_only=True)  # code is text: `<PRE>` in a file stays text
+        self.bos_id = added_bos(tokenizer)
         self.chat = ChatEncoder(tokenizer, chat_template) if "chat" in self.objectives.values() else None
 
     def encode_batch(self, sources: Sequence[str], texts: Sequence[str]) -> dict[str, list[list[int]]]:
@@ -167,6 +160,7 @@ def corpus_key(
     tokenizer: Any,
     sources: Sequence[Any],
     curation: CurationConfig,
+    split: Split,
     objectives: dict[str, Objective],
     offsets: bool,
     chat_template: str,
@@ -177,6 +171,7 @@ def corpus_key(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": [{"config": _config_of(s), "files": _files_of(s)} for s in sources],
         "curation": asdict(curation),
+        "split": [split.val_fraction, split.seed],
         "objectives": objectives,
         "offsets": offsets,
         "chat_template": chat_template if "chat" in objectives.values() else None,
@@ -230,15 +225,11 @@ class TokenizedCorpus:
         lengths = np.asarray(dataset.data.column("n_tokens").to_numpy())
         self._tokens = {k: int(lengths[v].sum()) for k, v in self._index.items()}
 
-    def count(self, source: str, split: Split) -> int:
-        """Documents of ``source`` in ``split``."""
-        return len(self._index.get((source, split), ()))
-
-    def tokens(self, source: str, split: Split) -> int:
+    def tokens(self, source: str, split: Side) -> int:
         """Tokens of ``source`` in ``split`` (before objectives add sentinels)."""
         return self._tokens.get((source, split), 0)
 
-    def documents(self, source: str, split: Split, repeat: int = 0) -> Iterator[PackDocument]:
+    def documents(self, source: str, split: Side, repeat: int = 0) -> Iterator[PackDocument]:
         """The packer's documents of ``source`` in ``split``, in corpus order; ``repeat`` renumbers them."""
         indices = self._index.get((source, split))
         if indices is None or not len(indices):
@@ -259,6 +250,7 @@ class TokenizedCorpus:
         cls,
         sources: Sequence[Any],
         curation: CurationConfig,
+        split: Split,
         encoder: DocumentEncoder,
         key: str,
         root: Path,
@@ -270,7 +262,7 @@ class TokenizedCorpus:
         folder = root / f"corpus-{key}"
         manifest = folder / "manifest.json"
         if not manifest.is_file():
-            _build(sources, curation, encoder, folder, num_proc)
+            _build(sources, curation, split, encoder, folder, num_proc)
         meta = json.loads(manifest.read_text())
         parts = [datasets.Dataset.from_file(str(folder / f)) for f in meta["files"]]
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -278,10 +270,10 @@ class TokenizedCorpus:
 
 
 def curated_documents(
-    sources: Sequence[Any], curation: CurationConfig
+    sources: Sequence[Any], curation: CurationConfig, split: Split
 ) -> tuple[Iterator[Document], CurationReport]:
     """Every source's documents through one curation pass (lazy; the report fills in as it is consumed)."""
-    return Curator(curation).run(chain.from_iterable(s.documents() for s in sources))
+    return Curator(curation, split).run(chain.from_iterable(s.documents() for s in sources))
 
 
 def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512) -> int:
@@ -330,6 +322,7 @@ def _tokenize(batch: dict[str, list], encoder: DocumentEncoder) -> dict[str, lis
 def _build(
     sources: Sequence[Any],
     curation: CurationConfig,
+    split: Split,
     encoder: DocumentEncoder,
     folder: Path,
     num_proc: int | None,
@@ -337,7 +330,7 @@ def _build(
     import datasets
 
     with atomic_folder(folder) as tmp:
-        documents, report = curated_documents(sources, curation)
+        documents, report = curated_documents(sources, curation, split)
         n = _write_documents(documents, tmp / "documents.arrow")
         skipped = {s.name: dict(getattr(s, "skipped", SkipReport()).counts) for s in sources}
         if n == 0:
@@ -403,7 +396,7 @@ def stream_documents(
     source: Any,
     curator: Curator,
     encoder: DocumentEncoder,
-    split: Split,
+    split: Side,
     shard: int = 0,
     num_shards: int = 1,
     repeat: int = 0,

@@ -37,7 +37,8 @@ import numpy as np
 
 from codetune.data.sources import Document
 
-Split = Literal["train", "validation"]
+Side = Literal["train", "validation"]
+"""Which side of the split a document is on."""
 
 
 @dataclass
@@ -63,14 +64,8 @@ class CurationConfig:
     """Length in whitespace-separated words of a shared n-gram that marks a document contaminated."""
     redact: bool = False
     """Replace secrets and personal data (API keys, private keys, e-mails, public IPv4) with placeholders."""
-    val_fraction: float = 0.01
-    """Expected fraction of surviving documents held out for validation (0 disables the split)."""
-    split_seed: int = 0
-    """Salt of the split hash; changing it draws a different held-out set."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"curation.val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 < self.near_dedup_threshold <= 1.0:
             raise ValueError(
                 f"curation.near_dedup_threshold must be in (0, 1], got {self.near_dedup_threshold}"
@@ -336,12 +331,30 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
 # --- split ----------------------------------------------------------------------------------------
 
 
-def split_of(doc: Document, val_fraction: float, seed: int = 0) -> Split:
+def split_of(doc: Document, val_fraction: float, seed: int = 0) -> Side:
     """``"validation"`` for a stable ``val_fraction`` of documents (by hash of seed, source and
     doc_id), else ``"train"``; the same document always gets the same answer."""
     key = f"{seed}\0{doc.source}\0{doc.doc_id}".encode()
     rank = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
     return "validation" if rank < val_fraction else "train"
+
+
+@dataclass
+class Split:
+    """Which documents are held out for validation (decided after dedup, see ``codetune.data.curation``)."""
+
+    val_fraction: float = 0.02
+    """Fraction of documents (by stable hash of source and id) held out; the same files on every run and machine."""
+    max_val_rows: int | None = 64
+    """Cap on validation rows, to keep evaluation quick."""
+    seed: int = 0
+    """Salt of the split hash; changing it draws a different held-out set."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.split.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_val_rows is not None and self.max_val_rows < 0:
+            raise ValueError(f"data.split.max_val_rows must be >= 0 or null, got {self.max_val_rows}")
 
 
 # --- the pass -------------------------------------------------------------------------------------
@@ -350,8 +363,9 @@ def split_of(doc: Document, val_fraction: float, seed: int = 0) -> Split:
 class Curator:
     """Applies a :class:`CurationConfig` to a stream of documents; one instance, many passes."""
 
-    def __init__(self, config: CurationConfig | None = None) -> None:
+    def __init__(self, config: CurationConfig | None = None, split: Split | None = None) -> None:
         self.config = config or CurationConfig()
+        self.split = split or Split(val_fraction=0.0)
         self._decontaminator: Decontaminator | None = None
         if self.config.decontaminate:
             texts: dict[str, str] = {}
@@ -366,19 +380,19 @@ class Curator:
         return NearDuplicateIndex(c.near_dedup_threshold, c.near_dedup_num_perm, c.near_dedup_shingle)
 
     def run(
-        self, documents: Iterable[Document], split: Split | None = None
+        self, documents: Iterable[Document], side: Side | None = None
     ) -> tuple[Iterator[Document], CurationReport]:
         """The curated stream (lazy) and its report, which fills in as the stream is consumed.
 
-        Every kept document carries ``meta["split"]``; with ``split`` set only that side is yielded
+        Every kept document carries ``meta["split"]``; with ``side`` set only that side is yielded
         (the report still counts both). Two passes over the same input make the same decisions, so
         a train pass and a validation pass are disjoint and complementary.
         """
         report = CurationReport()
-        return self._stream(documents, report, split), report
+        return self._stream(documents, report, side), report
 
     def _stream(
-        self, documents: Iterable[Document], report: CurationReport, only: Split | None
+        self, documents: Iterable[Document], report: CurationReport, only: Side | None
     ) -> Iterator[Document]:
         c = self.config
         seen_hashes: set[bytes] = set()
@@ -408,14 +422,17 @@ class Curator:
                 if original is not None:
                     report.remove("near_duplicate", doc, f" ~ {original}")
                     continue
-            side = split_of(doc, c.val_fraction, c.split_seed)
+            side = split_of(doc, self.split.val_fraction, self.split.seed)
             report.splits[side] += 1
             if only is None or side == only:
                 yield replace(doc, text=text, meta={**doc.meta, "split": side})
 
 
 def curate(
-    documents: Iterable[Document], config: CurationConfig | None = None, split: Split | None = None
+    documents: Iterable[Document],
+    config: CurationConfig | None = None,
+    side: Side | None = None,
+    split: Split | None = None,
 ) -> tuple[Iterator[Document], CurationReport]:
-    """Shorthand for ``Curator(config).run(documents, split)``."""
-    return Curator(config).run(documents, split)
+    """Shorthand for ``Curator(config, split).run(documents, side)``."""
+    return Curator(config, split).run(documents, side)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -37,10 +37,11 @@ from codetune.data.corpus import (
     stream_documents,
     tokenizer_fingerprint,
 )
-from codetune.data.curation import CurationConfig, Curator
+from codetune.data.curation import CurationConfig, Curator, Split
 from codetune.data.fim import FIMConfig, FIMTransform
 from codetune.data.mixing import MixConfig, check_weights
-from codetune.data.rows import RowBuilder, RowStore, RowSummary
+from codetune.data.packing import RowSummary
+from codetune.data.rows import RowBuilder, RowStore
 from codetune.data.sources import (
     CodeFiles,
     HFDataset,
@@ -50,6 +51,7 @@ from codetune.data.sources import (
     relative_note,
 )
 from codetune.data.tokenizer import TokenizerSpec, build_tokenizer
+from codetune.seeding import run_seed
 from codetune.storage import cache_root
 
 log = logging.getLogger(__name__)
@@ -62,24 +64,6 @@ _LOCAL_SUFFIXES = {
     ChatFiles: (".jsonl", ".jsonl.gz"),
     ParquetFiles: (".parquet",),
 }
-
-
-@dataclass
-class Split:
-    """Which documents are held out for validation (decided after dedup, see ``codetune.data.curation``)."""
-
-    val_fraction: float = 0.02
-    """Fraction of documents (by stable hash of source and id) held out; the same files on every run and machine."""
-    max_val_rows: int | None = 64
-    """Cap on validation rows, to keep evaluation quick."""
-    seed: int = 0
-    """Salt of the split hash; changing it draws a different held-out set."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.split.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_val_rows is not None and self.max_val_rows < 0:
-            raise ValueError(f"data.split.max_val_rows must be >= 0 or null, got {self.max_val_rows}")
 
 
 class _Rows(Dataset):
@@ -103,13 +87,13 @@ class _StreamRows:
 
     def __init__(self, module: CodeDataModule) -> None:
         self.sources = module.sources
-        self.curation = module.curation
+        self.curation, self.split = module.curation, module.split
         self.encoder = module.encoder
         self.builder_args = module._builder_args(module.mix.weights or {module.source_names[0]: 1.0})
         self.stop, self.num_tokens = module.mix.stop, module.mix.num_tokens
 
     def __call__(self, shard: int, num_shards: int):
-        curator = Curator(self.curation)
+        curator = Curator(self.curation, self.split)
         by_name = {s.name: s for s in self.sources}
         passes: dict[str, int] = {}
 
@@ -150,7 +134,7 @@ class CodeDataModule(L.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         num_proc: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         """
         Args:
@@ -165,7 +149,7 @@ class CodeDataModule(L.LightningDataModule):
             objectives: Per source name: ``fim``, ``causal`` or ``chat``. Unnamed sources: ``chat`` for
                 ChatFiles, ``fim`` for code trees when ``fim`` is set, else ``causal``.
             mix: Token shares of the sources (weights must sum to 1). Null: each source once, in proportion.
-            curation: Dedup, decontamination and redaction (its ``val_fraction`` is set by ``split``).
+            curation: Dedup, decontamination and redaction.
             split: Validation hold-out, made after dedup so no copy crosses it.
             chat_template: ``codetune`` or ``chatml`` (shipped), ``tokenizer`` (the tokenizer's own), or Jinja.
             streaming: Read, tokenize and pack on the fly, for corpora larger than memory or disk cache. The
@@ -173,7 +157,7 @@ class CodeDataModule(L.LightningDataModule):
             shuffle: Reshuffle the packed rows every epoch (map-style only).
             num_workers: DataLoader worker processes.
             num_proc: Processes for tokenization (``datasets.map``); null: one (tokenizers uses threads).
-            seed: Seed of the row shuffle.
+            seed: Seed of the row shuffle; ``None``: the run's seed (``seed_everything``).
         """
         super().__init__()
         names = [getattr(s, "name", None) for s in sources or []]
@@ -191,16 +175,14 @@ class CodeDataModule(L.LightningDataModule):
         }
         self.mix = mix or MixConfig()
         self.split = split or Split()
-        self.curation = replace(
-            curation or CurationConfig(), val_fraction=self.split.val_fraction, split_seed=self.split.seed
-        )
+        self.curation = curation or CurationConfig()
         self.chat_template = chat_template
         self.max_val_rows = self.split.max_val_rows
         self.streaming = streaming
         self.shuffle = shuffle
         self.num_workers = num_workers
         self.num_proc = num_proc
-        self.seed = seed
+        self.seed = run_seed(seed)
         self.tokenizer = build_tokenizer(tokenizer)
         if "chat" in self.objectives.values():
             resolve_template(
@@ -266,13 +248,6 @@ class CodeDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data.objectives[{source.name}] is 'fim' but data.fim is null; set data.fim"
                 )
-        if curation is not None and (
-            curation.val_fraction != CurationConfig.val_fraction
-            or curation.split_seed != CurationConfig.split_seed
-        ):
-            raise ValueError(
-                "set the validation hold-out in data.split (val_fraction, seed), not in data.curation"
-            )
         if mix is not None and mix.weights is not None:
             check_weights(mix.weights, names)
         elif streaming and len(sources) > 1:
@@ -317,12 +292,13 @@ class CodeDataModule(L.LightningDataModule):
             self.tokenizer,
             self.sources,
             self.curation,
+            self.split,
             self.objectives,
             self.encoder.offsets,
             self.chat_template,
         )
         corpus = TokenizedCorpus.build_or_load(
-            self.sources, self.curation, self.encoder, key, self._cache, self.num_proc
+            self.sources, self.curation, self.split, self.encoder, key, self._cache, self.num_proc
         )
         self.corpus = corpus
         if self.mix.weights is not None:
@@ -364,7 +340,7 @@ class CodeDataModule(L.LightningDataModule):
         rows = builder.rows(lambda name, k: corpus.documents(name, split, k))
 
         def extra() -> dict[str, Any]:
-            return {"packing": asdict(builder.packing), "mix": asdict(builder.mixer.stats)}
+            return {"packing": builder.packing, "mix": asdict(builder.mixer.stats)}
 
         return RowStore.write(folder, rows, self.seq_len, self.source_names, extra)
 
@@ -373,7 +349,7 @@ class CodeDataModule(L.LightningDataModule):
         builder = RowBuilder(
             **self._builder_args(check_weights(weights, self.source_names)), stop="each_once"
         )
-        curator = Curator(self.curation)
+        curator = Curator(self.curation, self.split)
         by_name = {s.name: s for s in self.sources}
         rows = []
         for row in builder.rows(
@@ -434,6 +410,7 @@ class CodeDataModule(L.LightningDataModule):
                 tokenizer_fingerprint(self.tokenizer),
                 [asdict(s) for s in self.sources],
                 asdict(self.curation),
+                asdict(self.split),
                 self._pack_settings(),
                 asdict(self.mix),
             )

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
+from codetune.data.tokenizer import (
+    DEFAULT_SENTINELS,
+    FIMSentinels,
+    added_bos,
+    backend_copy,
+    fim_sentinels,
+    resolve_sentinels,
+)
 
 FIMMode = Literal["psm", "spm"]
 
@@ -187,11 +194,7 @@ class FIMTransform:
             else fim_sentinels(tokenizer) or DEFAULT_SENTINELS
         )
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-        # A private copy: switching special-token matching off must not change the caller's tokenizer.
-        self._tok = type(backend).from_str(backend.to_str())
-        self._tok.encode_special_tokens = True
-        self._tok.no_truncation()
-        self._tok.no_padding()
+        self._tok = backend_copy(tokenizer, text_only=True)
         added = {t.content for t in backend.get_added_tokens_decoder().values()}
         ids = []
         for name in ("prefix", "suffix", "middle", "end"):
@@ -207,9 +210,7 @@ class FIMTransform:
         self.prefix_id, self.suffix_id, self.middle_id, self.end_id = ids
         self.sentinel_ids = frozenset(ids)
         # Documents get a BOS exactly when the tokenizer itself adds one, so FIM and plain documents agree.
-        bos = getattr(tokenizer, "bos_token_id", None)
-        with_special = backend.encode("a", add_special_tokens=True).ids
-        self.bos_id: int | None = bos if bos is not None and with_special[:1] == [bos] else None
+        self.bos_id = added_bos(tokenizer)
         # A dummy-prefix tokenizer (Metaspace, or a normaliser prepending "▁") encodes text at the start
         # differently from the same text after other text.
         self.adds_leading_space = self._marked_ids("a") != self._plain_ids("a")

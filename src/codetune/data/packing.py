@@ -1,4 +1,4 @@
-"""Pack documents into fixed-length rows so that nothing leaks between them, and resume exactly.
+"""Pack documents into fixed-length rows so that nothing leaks between them, the same way on every run.
 
 Rows are filled greedily in stream order: several documents per row, a document that does not fit is cut
 and continues in the next row (never dropped, never reordered), so padding appears only when the stream
@@ -20,13 +20,14 @@ stays in the stream for the next row.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from codetune.data.batch import IGNORE_INDEX, TokenKind
+import numpy as np
+
+from codetune.data.batch import IGNORE_INDEX, TokenKind, real_tokens
 from codetune.data.fim import FIMDraw, FIMEncoded, FIMTransform
 
-_STATE_FORMAT = 1
 _FIT_ATTEMPTS = 6
 
 
@@ -40,35 +41,89 @@ class PackDocument:
     """Identifier reported in the row's ``documents`` (path, dataset index, ...)."""
     ordinal: int
     """Position of the document within its source; with ``source`` it keys the FIM draw."""
-    input_ids: list[int] | None = None
-    """Causal token ids; ``None`` to let the packer's FIM tokenizer encode ``text``."""
+    input_ids: list[int]
+    """Causal token ids (with a BOS where the tokenizer adds one; the end-of-text is added if missing)."""
     labels: list[int] | None = None
     """Per-token labels (-100 = no loss), e.g. from chat masking; ``None`` = train on every token.
     Documents with labels are never FIM-transformed."""
     text: str | None = None
     """Source text; required for FIM. ``None``: the document is packed as given."""
     offsets: list[tuple[int, int]] | None = None
-    """Character span of each input id in ``text`` (context-level FIM); computed when missing."""
+    """Character span of each input id in ``text``; required for context-level FIM, which cuts between
+    characters."""
 
 
 @dataclass
-class PackingStats:
-    """Running counts for previews and logs."""
+class RowSummary:
+    """Counts over a set of rows: real tokens, tokens and spans per source, FIM layouts per source."""
 
     rows: int = 0
+    tokens: int = 0
     real_tokens: int = 0
-    pad_tokens: int = 0
-    documents: int = 0
-    spans: int = 0
-    fim_psm: int = 0
-    fim_spm: int = 0
-    fim_left_causal: int = 0
-    """Draws that asked for FIM but were left causal because the document (fragment) did not fit a row."""
+    source_tokens: dict[str, int] = field(default_factory=dict)
+    spans: dict[str, int] = field(default_factory=dict)
+    psm: dict[str, int] = field(default_factory=dict)
+    spm: dict[str, int] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any], source_names: Sequence[str]) -> None:
+        kinds = np.asarray(row["token_kind"])
+        index = np.asarray(row["source_index"])
+        self.rows += 1
+        self.tokens += len(kinds)
+        self.real_tokens += int(real_tokens(row).sum())
+        counts = np.bincount(index[index >= 0], minlength=len(source_names))
+        for i, name in enumerate(source_names):
+            if counts[i]:
+                self.source_tokens[name] = self.source_tokens.get(name, 0) + int(counts[i])
+        for span in row["documents"]:
+            name = span["source"]
+            self.spans[name] = self.spans.get(name, 0) + 1
+            if span["fim"] in ("psm", "spm"):
+                target = self.psm if span["fim"] == "psm" else self.spm
+                target[name] = target.get(name, 0) + 1
+
+    @property
+    def span_count(self) -> int:
+        return sum(self.spans.values())
+
+    @property
+    def fim_psm(self) -> int:
+        return sum(self.psm.values())
+
+    @property
+    def fim_spm(self) -> int:
+        return sum(self.spm.values())
 
     @property
     def real_fraction(self) -> float:
-        total = self.real_tokens + self.pad_tokens
-        return self.real_tokens / total if total else 1.0
+        return self.real_tokens / self.tokens if self.tokens else 1.0
+
+    def shares(self) -> dict[str, float]:
+        total = sum(self.source_tokens.values())
+        return {n: t / total for n, t in self.source_tokens.items()} if total else {}
+
+    def fim_rates(self, fim_sources: Iterable[str]) -> tuple[float, float, float] | None:
+        """(FIM, PSM, SPM) rates over the spans of FIM sources: FIM spans / spans, PSM and SPM / spans."""
+        names = list(fim_sources)
+        spans = sum(self.spans.get(n, 0) for n in names)
+        if not spans:
+            return None
+        psm = sum(self.psm.get(n, 0) for n in names)
+        spm = sum(self.spm.get(n, 0) for n in names)
+        return (psm + spm) / spans, psm / spans, spm / spans
+
+    def lines(self, objectives: dict[str, str]) -> list[str]:
+        """The human-readable summary."""
+        out = [
+            f"rows: {self.rows:,}, real-token fraction {self.real_fraction:.4f} ({self.real_tokens:,} of {self.tokens:,})"
+        ]
+        shares = self.shares()
+        if shares:
+            out.append("token shares: " + ", ".join(f"{n} {s:.4f}" for n, s in shares.items()))
+        rates = self.fim_rates(n for n, o in objectives.items() if o == "fim")
+        if rates is not None:
+            out.append(f"FIM spans: {rates[0]:.3f} of code spans (PSM {rates[1]:.3f}, SPM {rates[2]:.3f})")
+        return out
 
 
 @dataclass
@@ -135,7 +190,8 @@ class _Row:
 
 
 class Packer:
-    """Streams :class:`PackDocument` objects into rows of ``seq_len`` tokens; resumable via ``state_dict``.
+    """Streams :class:`PackDocument` objects into rows of ``seq_len`` tokens (resuming is the loader's job: it
+    restarts the stream and skips the batches already trained on).
 
     Each row is a dict of equal-length lists ``input_ids``, ``labels``, ``position_ids``, ``token_kind``,
     ``source_index`` (index into ``sources``, -1 for padding), plus ``documents``: one
@@ -163,35 +219,23 @@ class Packer:
         self._fim_on = fim is not None and fim.config.fim_rate > 0
         self._context_level = self._fim_on and fim.config.level == "context"
         self._cursor: _Cursor | None = None
-        self._consumed = 0
-        self.stats = PackingStats()
+        self.stats = RowSummary()
+        self.documents = 0
+        self.fim_left_causal = 0
+        """Draws that asked for FIM but were left causal because the document (fragment) did not fit a row."""
 
     # -- streaming ------------------------------------------------------------------------------------------
 
-    def pack(
-        self, documents: Iterable[PackDocument], *, skip_consumed: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """Yield rows; the stream ends with one padded row holding whatever is left.
-
-        After :meth:`load_state_dict`, ``documents`` must continue after the documents already consumed;
-        for a stream that can only restart from its beginning pass ``skip_consumed=True``.
-        """
+    def pack(self, documents: Iterable[PackDocument]) -> Iterator[dict[str, Any]]:
+        """Yield rows; the stream ends with one padded row holding whatever is left."""
         it = iter(documents)
-        if skip_consumed:
-            for skipped in range(self._consumed):
-                if next(it, None) is None:
-                    raise ValueError(
-                        f"cannot resume packing: the stream has {skipped} documents, the saved state consumed "
-                        f"{self._consumed}; resume with the same sources and mixing settings"
-                    )
         row = _Row(self.seq_len)
         while True:
             if self._cursor is None:
                 doc = next(it, None)
                 if doc is None:
                     break
-                self._consumed += 1
-                self.stats.documents += 1
+                self.documents += 1
                 self._cursor = self._start(doc)
             if self._context_level and self._cursor.fim:
                 self._place_context_level(self._cursor, row)
@@ -199,18 +243,16 @@ class Packer:
                 self._place_document_level(self._cursor, row)
             if self._cursor.pos >= len(self._cursor.ids):
                 self._cursor = None
-            if row.space == 0:  # all state is updated before yielding, so state_dict() here is exact
+            if row.space == 0:
                 yield self._emit(row)
                 row = _Row(self.seq_len)
         if row.input_ids:
             yield self._emit(row)
 
     def _emit(self, row: _Row) -> dict[str, Any]:
-        self.stats.rows += 1
-        self.stats.real_tokens += len(row.input_ids)
-        self.stats.pad_tokens += self.seq_len - len(row.input_ids)
-        self.stats.spans += len(row.documents)
-        return row.finish(self.pad_id)
+        finished = row.finish(self.pad_id)
+        self.stats.add(finished, self.sources)
+        return finished
 
     def _start(self, doc: PackDocument) -> _Cursor:
         """Check a document and normalise it to causal ids ending in end-of-text."""
@@ -220,17 +262,7 @@ class Packer:
                 f"its sources are {self.sources}"
             )
         fim = self._fim_on and doc.text is not None and doc.labels is None
-        ids, offsets = doc.input_ids, doc.offsets
-        if ids is None:
-            if doc.text is None:
-                raise ValueError(f"document {doc.doc_id!r} ({doc.source}) has neither input_ids nor text")
-            if self.fim is None:
-                raise ValueError(
-                    f"document {doc.doc_id!r} ({doc.source}) has text but no input_ids, and the packer has "
-                    "no FIM tokenizer to encode it; tokenize it first"
-                )
-            ids, offsets = self.fim.encode_document(doc.text)
-        ids = list(ids)
+        ids = list(doc.input_ids)
         if doc.labels is not None and len(doc.labels) != len(ids):
             raise ValueError(
                 f"document {doc.doc_id!r} ({doc.source}): {len(doc.labels)} labels for {len(ids)} input_ids"
@@ -242,7 +274,7 @@ class Packer:
                 labels.append(self.eos_id if labels and labels[-1] != IGNORE_INDEX else IGNORE_INDEX)
         cursor = _Cursor(doc=doc, ids=ids, labels=labels, fim=fim)
         if fim and self._context_level:
-            self._index_characters(cursor, offsets)
+            self._index_characters(cursor, doc.offsets)
         return cursor
 
     def _index_characters(self, cur: _Cursor, offsets: Sequence[tuple[int, int]] | None) -> None:
@@ -250,12 +282,10 @@ class Packer:
         assert self.fim is not None and cur.doc.text is not None
         n_text = len(cur.ids) - 1
         if offsets is None:
-            ids, offsets = self.fim.encode_document(cur.doc.text)
-            if ids != cur.ids[:n_text]:
-                raise ValueError(
-                    f"document {cur.doc.doc_id!r} ({cur.doc.source}): input_ids differ from the FIM tokenizer's "
-                    "encoding of its text; pass offsets with them or leave input_ids empty"
-                )
+            raise ValueError(
+                f"document {cur.doc.doc_id!r} ({cur.doc.source}): context-level FIM needs each token's character "
+                "offsets (encode it with offsets, as the data module does)"
+            )
         if len(offsets) not in (n_text, n_text + 1):
             raise ValueError(
                 f"document {cur.doc.doc_id!r} ({cur.doc.source}): {len(offsets)} offsets for {n_text} tokens"
@@ -294,10 +324,6 @@ class Packer:
         row.add(
             enc.input_ids, enc.input_ids, kinds, self._source_index[cur.doc.source], self._meta(cur, enc.mode)
         )
-        if enc.mode == "psm":
-            self.stats.fim_psm += 1
-        else:
-            self.stats.fim_spm += 1
         cur.pos = end
         cur.chunk += 1
 
@@ -320,9 +346,9 @@ class Packer:
                 if len(enc.input_ids) <= space:
                     self._add_fim(cur, enc, len(cur.ids), row)
                     return
-                self.stats.fim_left_causal += 1
+                self.fim_left_causal += 1
         elif cur.fim and cur.pos == 0 and self.fim.draw(cur.doc.source, cur.doc.ordinal).mode is not None:
-            self.stats.fim_left_causal += 1  # cut across rows: stays causal, as in Code Llama
+            self.fim_left_causal += 1  # cut across rows: stays causal, as in Code Llama
         self._add_causal(cur, min(len(cur.ids), cur.pos + space), row)
 
     def _snap(self, cur: _Cursor, k: int) -> int:
@@ -346,7 +372,7 @@ class Packer:
                     # re-tokenization left free are padded rather than spent on a fragment too short to learn from.
                     row.closed = True
                 return
-            self.stats.fim_left_causal += 1
+            self.fim_left_causal += 1
         end = n if n - cur.pos <= space else self._snap(cur, cur.pos + space)
         if end <= cur.pos:  # no character boundary within the few free slots: pad them
             row.closed = True
@@ -387,46 +413,5 @@ class Packer:
                 end += slack
         return best
 
-    # -- resume ---------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Position after the last yielded row: documents consumed and the unplaced rest of the current one."""
-        cursor = None
-        if self._cursor is not None:
-            cursor = {
-                "document": asdict(self._cursor.doc),
-                "pos": self._cursor.pos,
-                "chunk": self._cursor.chunk,
-            }
-        return {
-            "format": _STATE_FORMAT,
-            "seq_len": self.seq_len,
-            "sources": list(self.sources),
-            "documents_consumed": self._consumed,
-            "cursor": cursor,
-            "stats": asdict(self.stats),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(
-                f"packer state format {state.get('format')!r} is not {_STATE_FORMAT}; cannot resume"
-            )
-        if state["seq_len"] != self.seq_len or state["sources"] != self.sources:
-            raise ValueError(
-                f"packer state was saved with seq_len={state['seq_len']} and sources={state['sources']}, "
-                f"not seq_len={self.seq_len} and sources={self.sources}; resume with the same data settings"
-            )
-        self._consumed = state["documents_consumed"]
-        self.stats = PackingStats(**state["stats"])
-        self._cursor = None
-        if state["cursor"] is not None:
-            doc = dict(state["cursor"]["document"])
-            if doc.get("offsets") is not None:
-                doc["offsets"] = [tuple(o) for o in doc["offsets"]]
-            self._cursor = self._start(PackDocument(**doc))
-            self._cursor.pos = state["cursor"]["pos"]
-            self._cursor.chunk = state["cursor"]["chunk"]
-
-
-__all__ = ["PackDocument", "Packer", "PackingStats"]
+__all__ = ["PackDocument", "Packer", "RowSummary"]

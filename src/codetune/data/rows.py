@@ -10,81 +10,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from codetune.data.batch import BATCH_FIELDS, real_tokens
+from codetune.data.batch import BATCH_FIELDS
 from codetune.data.corpus import Objective
 from codetune.data.fim import FIMTransform
 from codetune.data.mixing import RowMixer, Stop
-from codetune.data.packing import PackDocument, Packer, PackingStats
+from codetune.data.packing import PackDocument, Packer, RowSummary
 from codetune.storage import atomic_folder
 
 ROWS_FORMAT = 1
-
-
-@dataclass
-class RowSummary:
-    """Counts over a set of rows: real tokens, tokens and spans per source, FIM layouts per source."""
-
-    rows: int = 0
-    tokens: int = 0
-    real_tokens: int = 0
-    source_tokens: dict[str, int] = field(default_factory=dict)
-    spans: dict[str, int] = field(default_factory=dict)
-    psm: dict[str, int] = field(default_factory=dict)
-    spm: dict[str, int] = field(default_factory=dict)
-
-    def add(self, row: dict[str, Any], source_names: Sequence[str]) -> None:
-        kinds = np.asarray(row["token_kind"])
-        index = np.asarray(row["source_index"])
-        self.rows += 1
-        self.tokens += len(kinds)
-        self.real_tokens += int(real_tokens(row).sum())
-        counts = np.bincount(index[index >= 0], minlength=len(source_names))
-        for i, name in enumerate(source_names):
-            if counts[i]:
-                self.source_tokens[name] = self.source_tokens.get(name, 0) + int(counts[i])
-        for span in row["documents"]:
-            name = span["source"]
-            self.spans[name] = self.spans.get(name, 0) + 1
-            if span["fim"] in ("psm", "spm"):
-                target = self.psm if span["fim"] == "psm" else self.spm
-                target[name] = target.get(name, 0) + 1
-
-    @property
-    def real_fraction(self) -> float:
-        return self.real_tokens / self.tokens if self.tokens else 1.0
-
-    def shares(self) -> dict[str, float]:
-        total = sum(self.source_tokens.values())
-        return {n: t / total for n, t in self.source_tokens.items()} if total else {}
-
-    def fim_rates(self, fim_sources: Iterable[str]) -> tuple[float, float, float] | None:
-        """(FIM, PSM, SPM) rates over the spans of FIM sources: FIM spans / spans, PSM and SPM / spans."""
-        names = list(fim_sources)
-        spans = sum(self.spans.get(n, 0) for n in names)
-        if not spans:
-            return None
-        psm = sum(self.psm.get(n, 0) for n in names)
-        spm = sum(self.spm.get(n, 0) for n in names)
-        return (psm + spm) / spans, psm / spans, spm / spans
-
-    def lines(self, objectives: dict[str, Objective]) -> list[str]:
-        """The human-readable summary."""
-        out = [
-            f"rows: {self.rows:,}, real-token fraction {self.real_fraction:.4f} ({self.real_tokens:,} of {self.tokens:,})"
-        ]
-        shares = self.shares()
-        if shares:
-            out.append("token shares: " + ", ".join(f"{n} {s:.4f}" for n, s in shares.items()))
-        rates = self.fim_rates(n for n, o in objectives.items() if o == "fim")
-        if rates is not None:
-            out.append(f"FIM spans: {rates[0]:.3f} of code spans (PSM {rates[1]:.3f}, SPM {rates[2]:.3f})")
-        return out
 
 
 class RowBuilder:
@@ -121,13 +60,13 @@ class RowBuilder:
         return self.mixer.mix(open_pass)
 
     @property
-    def packing(self) -> PackingStats:
-        """Packing counts summed over every packer used so far."""
-        total = PackingStats()
-        for packer in self.packers:
-            for key, value in asdict(packer.stats).items():
-                setattr(total, key, getattr(total, key) + value)
-        return total
+    def packing(self) -> dict[str, int]:
+        """What packing alone knows, summed over every packer used so far: documents read, and FIM draws left
+        causal because the document did not fit a row (the rows themselves are counted by ``RowSummary``)."""
+        return {
+            "documents": sum(p.documents for p in self.packers),
+            "fim_left_causal": sum(p.fim_left_causal for p in self.packers),
+        }
 
 
 class RowStore:

@@ -96,10 +96,6 @@ class SkipReport:
             if len(shown) < self.max_examples:
                 shown.append(where)
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
     def clear(self) -> None:
         self.counts.clear()
         self.examples.clear()

@@ -160,6 +160,25 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     return missing
 
 
+def backend_copy(tokenizer, text_only: bool = False):
+    """A private copy of ``tokenizer``'s ``tokenizers`` backend without truncation or padding, so changing its
+    settings never changes the caller's tokenizer. ``text_only`` turns special-token matching off: a literal
+    ``<PRE>`` or ``<|endoftext|>`` in a user's code stays text and cannot forge a sentinel."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    copy = type(backend).from_str(backend.to_str())
+    copy.encode_special_tokens = text_only
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
+def added_bos(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` itself puts one before encoded text (Llama, Code Llama), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return bos if bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos] else None
+
+
 def record_sentinels(tokenizer, sentinels: FIMSentinels) -> None:
     """Write the run's sentinel set into the tokenizer (saved with it in ``tokenizer_config.json``)."""
     tokenizer.init_kwargs[SENTINELS_KEY] = asdict(sentinels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from codetune.errors import first_line
 from codetune.exports.secrets import known_secrets, redact_text
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def push(folder: Path, repo_id: str, private: bool = True, revision: str | None 
             commit_message="Upload model exported by codetune",
         )
     except Exception as err:  # network, auth, offline mode: one line, secrets removed, export kept
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         reason = redact_text(reason, known_secrets())
         raise OSError(f"--push_to_hub {repo_id} failed: {reason}; {retry}") from None
     url = str(getattr(info, "commit_url", None) or f"https://huggingface.co/{repo_id}")

@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from codetune.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # Attention and MLP projections of each family: what `target_modules: auto` adapts (QLoRA adapts every linear
@@ -34,8 +36,8 @@ FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STORAGE = {"uint8": torch.uint8, **_DTYPES}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE = {"uint8": torch.uint8, **DTYPES}
 
 
 @dataclass
@@ -104,9 +106,9 @@ class Quantization:
             raise ValueError(f"quantization.bits={self.bits!r} must be 4 or 8")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quantization.quant_type={self.quant_type!r} must be nf4 or fp4")
-        if self.compute_dtype not in _DTYPES:
+        if self.compute_dtype not in DTYPES:
             raise ValueError(
-                f"quantization.compute_dtype={self.compute_dtype!r}: use one of {sorted(_DTYPES)}"
+                f"quantization.compute_dtype={self.compute_dtype!r}: use one of {sorted(DTYPES)}"
             )
         if self.quant_storage not in _STORAGE:
             raise ValueError(
@@ -124,7 +126,7 @@ def bnb_config(quantization: Quantization):
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.quant_type,
         bnb_4bit_use_double_quant=quantization.double_quant,
-        bnb_4bit_compute_dtype=_DTYPES[quantization.compute_dtype],
+        bnb_4bit_compute_dtype=DTYPES[quantization.compute_dtype],
         bnb_4bit_quant_storage=_STORAGE[quantization.quant_storage],
     )
 
@@ -150,7 +152,7 @@ def check_quantization_supported(quantization: Quantization, device: str | torch
                 64,
                 64,
                 bias=False,
-                compute_dtype=_DTYPES[quantization.compute_dtype],
+                compute_dtype=DTYPES[quantization.compute_dtype],
                 compress_statistics=quantization.double_quant,
                 quant_type=quantization.quant_type,
                 quant_storage=_STORAGE[quantization.quant_storage],
@@ -174,7 +176,7 @@ def check_quantization_supported(quantization: Quantization, device: str | torch
         if not error < 0.5:  # NF4 is ~0.1 here, int8 ~0.01
             raise RuntimeError(f"a quantized test layer is off by {error:.0%}")
     except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         raise ValueError(
             f"bitsandbytes cannot run {kind} layers on device {device.type!r} ({message}); use a CUDA GPU, or "
             "CPU with bitsandbytes >= 0.48, or remove model.quantization"
@@ -262,7 +264,6 @@ def apply_adapter(
     ``adapter.train_new_tokens``. ``quantized`` bases first get peft's k-bit preparation (norms and other
     half-precision parameters upcast to float32 for stable training).
     """
-    adapter.validate()
     if adapter.method == "full":
         if quantized:
             raise ValueError(

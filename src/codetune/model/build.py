@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from codetune.model.adapters import (
+    DTYPES,
     Adapter,
     Quantization,
     apply_adapter,
@@ -34,10 +35,9 @@ from codetune.model.adapters import (
 )
 from codetune.model.attention import resolve_attn_implementation
 from codetune.model.rope import RopeScaling, apply_rope_scaling, rebuild_rotary_embeddings
+from codetune.seeding import run_seed
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -60,8 +60,9 @@ class ModelSpec:
     """Allow model code from the checkpoint's repository to run. Off unless the recipe turns it on."""
     pad_vocab_to_multiple_of: int = 64
     """When the tokenizer adds tokens, grow the embedding to a multiple of this (tensor-core friendly)."""
-    init_seed: int = 0
-    """Seed for the weights of a model built from ``config`` (and for new embedding rows)."""
+    init_seed: int | None = None
+    """Seed for the weights of a model built from ``config`` (and for new embedding rows); ``None``: the run's
+    seed (``seed_everything``)."""
     adapter: Adapter = field(default_factory=Adapter)
     """Which weights train: full fine-tuning, LoRA or DoRA (with ``quantization``: QLoRA)."""
     quantization: Quantization | None = None
@@ -83,6 +84,9 @@ class ModelSpec:
                 setattr(self, name, cls(**value))
 
     def validate(self) -> None:
+        """Check the spec once, before anything is loaded (the recipe check; later callers get it for free)."""
+        if self.__dict__.get("_validated"):
+            return
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError(
                 "model: give exactly one of `name_or_path` (a checkpoint) or `config` (a new model)"
@@ -110,8 +114,7 @@ class ModelSpec:
                     "model.quantization freezes the base in 4/8 bit, so adapter.method=full cannot train it: "
                     "set model.adapter.method to lora or dora (QLoRA), or remove model.quantization"
                 )
-        if self.rope is not None:
-            self.rope.validate()
+        self.__dict__["_validated"] = True  # not a field: asdict, replace and checkpoints never carry it
 
 
 def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: int | None = None):
@@ -136,7 +139,7 @@ def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: in
         if spec.rope is not None:
             apply_rope_scaling(config, spec.rope)
         with torch.random.fork_rng():
-            torch.manual_seed(spec.init_seed)
+            torch.manual_seed(run_seed(spec.init_seed))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     elif source == "base":
         model = base.to(dtype)
@@ -173,7 +176,9 @@ def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: in
         keep_4bit_layers_trainable(model)
     new_rows: list[int] = []
     if tokenizer is not None:
-        new_rows = fit_embeddings(model, tokenizer, spec.pad_vocab_to_multiple_of, spec.init_seed, base_vocab)
+        new_rows = fit_embeddings(
+            model, tokenizer, spec.pad_vocab_to_multiple_of, run_seed(spec.init_seed), base_vocab
+        )
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
 from codetune.model.build import ModelSpec
 from codetune.model.sharding import shard_model
+from codetune.seeding import run_seed
 from codetune.strategies import check_fsdp_only, sharding_options
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ class CausalLM(L.LightningModule):
             tokenizer: Linked from the data module's tokenizer by the CLI; not set in recipes.
         """
         super().__init__()
-        self.spec = ModelSpec(**model) if isinstance(model, dict) else model
+        spec = ModelSpec(**model) if isinstance(model, dict) else model
+        # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically.
+        self.spec = replace(spec, init_seed=run_seed(spec.init_seed))
         self.spec.validate()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -143,8 +147,7 @@ class CausalLM(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(parameter_groups(self))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -170,6 +173,18 @@ class CausalLM(L.LightningModule):
                 trainer.ckpt_path,
                 strict=self.strict_loading,
             )
+
+
+def parameter_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters in two optimizer groups: matrices (linear, embedding and LoRA weights) with the
+    optimizer's weight decay, and 1-D parameters (biases, norm gains, DoRA magnitudes) without it, as nanoGPT and
+    the HF Trainer do: decaying a gain or a bias towards 0 only fights the normalisation it scales."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2]},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def masked_mean(values: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
