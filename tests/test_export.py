@@ -441,7 +441,7 @@ def no_model_building(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was built before the input was checked")
 
-    monkeypatch.setattr(checkpoints, "build_model", boom)
+    monkeypatch.setattr(checkpoints.trained, "build_training_model", boom)
 
 
 def test_missing_checkpoint_is_named(tmp_path, no_model_building):

@@ -142,7 +142,7 @@ def infilling_loss(model: Any, tokenizer: Any, tasks: list[LineTask], fim_format
     The sequence is laid out by the training FIM code (``encode_split``), so the scored tokens are exactly the
     ones a FIM training row would put loss on.
     """
-    transform = FIMTransform(FIMConfig(sentinels=require_sentinels(tokenizer, None)), tokenizer)
+    transform = FIMTransform(FIMConfig(), tokenizer, require_sentinels(tokenizer, None))
     total, count = 0.0, 0
     model.eval()
     for task in tasks:

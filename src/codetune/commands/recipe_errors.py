@@ -13,6 +13,7 @@ import difflib
 import importlib
 import inspect
 import re
+import typing
 from collections.abc import Iterable
 
 MOVED_OPTIONS: dict[str, str] = {
@@ -39,6 +40,7 @@ _KEY = re.compile(r'^Parser key "([^"]+)":?$')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)':?$")
 _NOT_ACCEPTED = re.compile(r"^(?:Option|Key) '([^']+)' is not accepted")
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
+_NOT_ACCEPTED_KEY = re.compile(r"does not accept (?:option|key) '([^']+)'")
 
 
 def condensed_parse_errors(message: str, known_options: Iterable[str] = ()) -> str:
@@ -50,8 +52,17 @@ def condensed_parse_errors(message: str, known_options: Iterable[str] = ()) -> s
     unrecognized = _UNRECOGNIZED.match(message.strip().splitlines()[0]) if message.strip() else None
     if unrecognized:
         return _unrecognized(unrecognized.group(1), known_options)
+    not_accepted = _NOT_ACCEPTED_KEY.search(message)
+    if not_accepted:  # a recipe key the parser does not know, e.g. trainer.max_stepz in the YAML
+        return _unrecognized("--" + not_accepted.group(1), known_options, what="unknown recipe key")
     path, leaf = _deepest_leaf(message)
     key = ".".join(path)
+    nested = _UNRECOGNIZED.match(leaf)
+    if nested:  # an unknown key inside a class's init_args, e.g. --model.init_args.model.init_sed
+        owner = _owner_class(message, path)
+        known = [f"--{key}.{o}" for o in _dotted_options(owner)] if owner else []
+        given = [f"--{key}.{a.removeprefix('--')}" for a in nested.group(1).split() if a.startswith("--")]
+        return _unrecognized(" ".join(given) or nested.group(1), known)
     accepted = _NOT_ACCEPTED.match(leaf)
     if accepted:
         option = accepted.group(1)
@@ -112,12 +123,44 @@ def _options_of(class_path: str) -> list[str]:
     return [p for p in parameters if p != "self" and parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
 
 
-def _unrecognized(arguments: str, known_options: Iterable[str]) -> str:
-    options = [a for a in arguments.split() if a.startswith("--")]
+def _dotted_options(class_path: str, depth: int = 3) -> list[str]:
+    """Every key a recipe may set under ``class_path``'s ``init_args``, nested dataclass fields included
+    (``model.adapter.r``)."""
+    out = []
+    for name, annotation in _options_with_types(class_path):
+        out.append(name)
+        for cls in _dataclasses_in(annotation) if depth > 1 else []:
+            out += [
+                f"{name}.{sub}" for sub in _dotted_options(f"{cls.__module__}.{cls.__qualname__}", depth - 1)
+            ]
+    return out
+
+
+def _options_with_types(class_path: str) -> list[tuple[str, object]]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls if dataclasses.is_dataclass(cls) else cls.__init__)
+    except Exception:  # an unimportable or unannotated class: no suggestions rather than a second error
+        return [(o, None) for o in _options_of(class_path)]
+    return [(o, hints.get(o)) for o in _options_of(class_path)]
+
+
+def _dataclasses_in(annotation: object) -> list[type]:
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _dataclasses_in(arg)]
+
+
+def _unrecognized(arguments: str, known_options: Iterable[str], what: str = "unknown option") -> str:
+    """``what`` and each ``--option`` of ``arguments`` with its likely spelling; recipe keys lose the dashes."""
     known = sorted(set(known_options))
+    shown = (
+        (lambda option: option) if what == "unknown option" else (lambda option: option.removeprefix("--"))
+    )
     parts = []
-    for option in options or [arguments]:
+    for option in [a for a in arguments.split() if a.startswith("--")] or [arguments]:
         name = option.split("=", 1)[0]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-        parts.append(f"{name} (did you mean {close[0]}?)" if close else name)
-    return "unknown option " + ", ".join(parts) + "; `codetune fit --help` lists the options"
+        parts.append(f"{shown(name)} (did you mean {shown(close[0])}?)" if close else shown(name))
+    return f"{what} " + ", ".join(parts) + "; `codetune fit --help` lists the options"

@@ -157,7 +157,7 @@ class CodeDataModule(L.LightningDataModule):
             shuffle: Reshuffle the packed rows every epoch (map-style only).
             num_workers: DataLoader worker processes.
             num_proc: Processes for tokenization (``datasets.map``); null: one (tokenizers uses threads).
-            seed: Seed of the row shuffle; ``None``: the run's seed (``seed_everything``).
+            seed: Seed of the row shuffle; ``null``: the run's seed (``seed_everything``).
         """
         super().__init__()
         names = [getattr(s, "name", None) for s in sources or []]

@@ -61,7 +61,7 @@ class ModelSpec:
     pad_vocab_to_multiple_of: int = 64
     """When the tokenizer adds tokens, grow the embedding to a multiple of this (tensor-core friendly)."""
     init_seed: int | None = None
-    """Seed for the weights of a model built from ``config`` (and for new embedding rows); ``None``: the run's
+    """Seed for the weights of a model built from ``config`` (and for new embedding rows); ``null``: the run's
     seed (``seed_everything``)."""
     adapter: Adapter = field(default_factory=Adapter)
     """Which weights train: full fine-tuning, LoRA or DoRA (with ``quantization``: QLoRA)."""
