@@ -1,176 +1,146 @@
-"""The first code that runs inside a sandbox child: lock the view of the system, then run the program.
+"""The runner: the first code that runs inside a sandbox, then the program in the same interpreter.
 
-This file is executed as a script by :mod:`codetune.eval.sandbox` (``python -I sandbox_child.py CONFIG``),
-usually as pid 1 of fresh mount, network and pid namespaces made by ``unshare``. It imports only the
-standard library so it starts fast and never imports codetune (or torch) inside the sandbox.
+:mod:`codetune.eval.sandbox` starts it as ``python -I -S -B runner.py key=value...`` inside bubblewrap (or, with
+``unsafe_no_sandbox``, as a plain child). It imports only the standard library, so it starts fast and never
+imports codetune (or torch) inside the sandbox. Everything it knows comes from its arguments (limits and
+paths, nothing secret): there is no pass marker to steal.
 
-Order matters: mount a tmpfs on the scratch dir and make every other mount read-only (which needs
-``CAP_SYS_ADMIN``), *then* drop every capability so the program cannot undo it, then set resource limits,
-then run the untrusted program in this process. A uid-0 process without capabilities still owns root's
-files, so the read-only mounts, ``nodev`` and the pid namespace are what actually keep it in.
+In order: set the resource limits (soft = hard, so the program cannot raise them), stack a seccomp filter
+that refuses ``execve`` (so the program cannot swap the interpreter for one that exits 0), route ``os._exit``
+through a guard, then run the program as ``__main__``. The exit status is the verdict, and the parent reads it
+from bubblewrap (``--json-status-fd``, an fd the program never sees):
 
-The program passes only if it returns normally: then this runner prints a nonce it read from stdin
-before the program started, so a program that calls ``sys.exit(0)`` or ``os._exit(0)`` early does not pass.
+- ``0``: the program returned normally (the runner then exits at once: no ``atexit`` hook or finalizer of the
+  program runs after the verdict);
+- :data:`EARLY_EXIT`: ``sys.exit(0)``/``SystemExit(None)``/``os._exit(0)`` before the end;
+- ``1``: an uncaught exception (traceback on stderr); any other status: what the program asked for.
+
+A program written to fake a pass still can: it shares its interpreter with its tests (it can return objects
+that compare equal to anything, or make the exit system call through ``ctypes``); see docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import re
+import posix
 import resource
-import runpy
 import sys
 
 SETUP_FAILED = 121
-"""Exit code that means the sandbox could not be set up; the program did not run."""
+"""Exit status when the runner could not set up the limits or filter; the program did not run."""
+EARLY_EXIT = 117
+"""Exit status of a program that asked to exit with status 0 before its end."""
 
-# <sys/mount.h>
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND = 32, 4096
-MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
-# Flags a bind remount must repeat; in a user namespace dropping a locked one fails with EPERM.
-KEPT_FLAGS = {
-    "nosuid": MS_NOSUID,
-    "nodev": MS_NODEV,
-    "noexec": MS_NOEXEC,
-    "noatime": MS_NOATIME,
-    "nodiratime": MS_NODIRATIME,
-    "relatime": MS_RELATIME,
-    "strictatime": MS_STRICTATIME,
-}
-# Device nodes a Python program may need; every other device node becomes unopenable (nodev).
-ALLOWED_DEVICES = ("null", "zero", "full", "random", "urandom")
+INT_KEYS = ("memory_bytes", "cpu_seconds", "file_bytes", "processes")
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 
-# <linux/prctl.h>, <linux/capability.h>
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-libc = ctypes.CDLL(None, use_errno=True)
+_real_exit = posix._exit
 
 
-class SetupError(RuntimeError):
-    """The sandbox could not be made as asked; refuse to run the program."""
+def _install_filter(program: bytes) -> None:
+    """Stack a seccomp filter (``struct sock_filter`` array) on this process; needs ``no_new_privs``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    fprog = SockFprog(len(program) // 8, program)
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
 
 
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise SetupError(f"{what}: {os.strerror(err)}")
+def _set_limits(config: dict) -> None:
+    limits = {
+        resource.RLIMIT_AS: config.get("memory_bytes", -1),
+        resource.RLIMIT_CPU: config.get("cpu_seconds", -1),
+        resource.RLIMIT_FSIZE: config.get("file_bytes", -1),
+        resource.RLIMIT_NPROC: config.get("processes", -1),
+        resource.RLIMIT_CORE: 0,
+    }
+    for which, value in limits.items():
+        if value >= 0:
+            resource.setrlimit(which, (value, value))
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    enc = [None if s is None else s.encode() for s in (source, target, fstype, data)]
-    _check(libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), enc[3]), f"mount {target}")
+def _guarded_exit(status: int) -> None:
+    if status % 256 == 0:  # the exit status is the low byte: 256 reads as 0
+        os.write(2, b"os._exit(0) before the program's end\n")
+        status = EARLY_EXIT
+    _real_exit(status)
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mounts() -> list[tuple[str, set[str]]]:
-    """(mount point, per-mount options) for every mount this process sees, parents first."""
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            mounts.append((_unescape(fields[4]), set(fields[5].split(","))))
-    return mounts
-
-
-def lock_filesystem(scratch: str, scratch_bytes: int, hide: list[str]) -> None:
-    """Scratch becomes a private tmpfs; ``hide`` paths become empty; every other mount read-only, nosuid,
-    nodev (bar a few devices)."""
-    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch_bytes},mode=0700")
-    for path in hide:  # credentials the evaluator's user can read (tokens, keys): not for generated code
-        if os.path.isdir(path):
-            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=4096,mode=0000")
-        elif os.path.exists(path):
-            _mount("/dev/null", path, None, MS_BIND, None)  # nodev below: opening it fails outright
-    # A read-only mount does not stop writes to device nodes (/dev/vda stays writable for uid 0), so
-    # /dev goes nodev; the harmless devices get their own bind mounts that keep working.
-    devices = set()
-    for name in ALLOWED_DEVICES:
-        path = f"/dev/{name}"
-        if os.path.exists(path):
-            _mount(path, path, None, MS_BIND, None)
-            devices.add(path)
-    mounts = [(t, o) for t, o in _mounts() if t != scratch]
-    for target, options in mounts:
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        flags |= sum(bit for opt, bit in KEPT_FLAGS.items() if opt in options)
-        if target not in devices:
-            flags |= MS_NODEV
-        # Mounts hidden under another one (the host /proc under the new one) fail here; they cannot be
-        # reached, which the check below confirms for every path.
-        libc.mount(None, target.encode(), None, ctypes.c_ulong(flags), None)
-    for target, _ in mounts:
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
         try:
-            st = os.statvfs(target)
-        except OSError:
-            continue  # not reachable from here
-        if not st.f_flag & os.ST_RDONLY or (target not in devices and not st.f_flag & os.ST_NODEV):
-            raise SetupError(f"mount {target} is still writable or allows devices")
+            stream.flush()
+        except BaseException:  # a program's own stream object may raise anything, SystemExit(0) included
+            pass
 
 
-def drop_privileges() -> None:
-    """Drop every capability, now and across exec, so nothing can remount, load modules or escape."""
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-    cap = 0
-    # The bounding set caps what exec can grant, also to uid 0: empty it (EINVAL past the last cap).
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-        cap += 1
-    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2 words, all zero
-    _check(libc.capset(header, data), "capset")
-    with open("/proc/self/status") as f:
-        status = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
-    if int(status["CapEff"], 16) or int(status["CapPrm"], 16) or int(status["CapBnd"], 16):
-        raise SetupError(f"capabilities still held after dropping: {status}")
+def parse_config(argv: list[str]) -> dict:
+    """``key=value`` arguments (see ``codetune.eval.sandbox._runner_args``); parsed without importing json."""
+    config: dict = {}
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        config[key] = int(value) if key in INT_KEYS else value
+    return config
 
 
-def set_limits(memory_bytes: int | None, cpu_seconds: int, file_bytes: int) -> None:
-    """Address space, CPU time, file size and core dumps; soft = hard so the program cannot raise them."""
-    if memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def main(config_json: str) -> int:
-    config = json.loads(config_json)
-    nonce = sys.stdin.readline().strip()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    with open(config["program"]) as f:
-        source = f.read()
-    scratch = config["scratch"]
+def main(config: dict) -> int:
     try:
-        if config["isolate_fs"]:
-            lock_filesystem(scratch, config["scratch_bytes"], config["hide"])
-        if config["drop_privileges"]:
-            drop_privileges()
-        else:
-            _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
-    except (SetupError, OSError) as e:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.chdir(config["workdir"])
+        _set_limits(config)
+        if config.get("exec_filter"):
+            _install_filter(bytes.fromhex(config["exec_filter"]))
+    except (OSError, ValueError) as e:
         print(f"sandbox setup failed: {e}", file=sys.stderr)
         return SETUP_FAILED
-    program = os.path.join(scratch, "program.py")
-    with open(program, "w") as f:
-        f.write(source)
-    os.chdir(scratch)
-    set_limits(config["memory_bytes"], config["cpu_seconds"], config["file_bytes"])
+    program = config["program"]
     sys.argv = [program]
-    sys.path.insert(0, scratch)
-    runpy.run_path(program, run_name="__main__")
-    sys.stdout.flush()
-    os.write(1, f"\n{nonce}\n".encode())
+    sys.path.insert(0, config["workdir"])
+    main_module = type(sys)("__main__")
+    main_module.__file__ = program
+    main_module.__builtins__ = __builtins__
+    os._exit = posix._exit = _guarded_exit
+    try:
+        with open(program, "rb") as f:
+            source = f.read()
+        sys.modules["__main__"] = main_module  # so pickle & co. find the program's classes
+        # compile() decodes the bytes as Python does a file (coding cookie, else UTF-8, strictly)
+        exec(compile(source, program, "exec"), main_module.__dict__)
+    except SystemExit as e:
+        if e.code is None or (type(e.code) is int and e.code % 256 == 0):
+            print("sys.exit(0) before the program's end", file=sys.stderr)
+            return EARLY_EXIT
+        if type(e.code) is int:  # not a subclass: its own __mod__ could say anything
+            return e.code % 256
+        try:
+            print(e.code, file=sys.stderr)
+        except BaseException:
+            pass
+        return 1
+    except BaseException:
+        try:
+            import traceback
+
+            traceback.print_exc()
+        except BaseException:  # MemoryError while formatting, a broken stderr, ...
+            os.write(2, b"uncaught exception\n")
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    try:
+        status = main(parse_config(sys.argv[1:]))
+    except BaseException:  # whatever the program left behind (an exception whose __str__ exits, ...)
+        status = 1
+    _flush()
+    _real_exit(status)
