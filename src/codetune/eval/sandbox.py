@@ -427,6 +427,8 @@ def err(fn):
 obs["write_root"] = err(lambda: open("/probe", "w").close())
 obs["write_usr"] = err(lambda: open("/usr/probe", "w").close())
 obs["write_work"] = err(lambda: open("probe", "w").close())
+obs["write_devnull"] = err(lambda: open("/dev/null", "w").close())
+obs["write_sysctl"] = err(lambda: os.close(os.open("/proc/sys/fs/file-max", os.O_WRONLY)))
 def connect():  # a routable address: there is no route out of the sandbox's own network namespace
     with socket.socket() as s:
         s.settimeout(1)
@@ -478,9 +480,8 @@ def _probe(mode: _Mode, warnings: list[str]) -> SandboxReport:
         "user namespace": obs["user_ns"] != host_ns["user"] and obs["uid"] == SANDBOX_UID,
         **{f"{ns} namespace": ok for ns, ok in new_ns.items()},
         "new root filesystem": root_ok and obs["etc"] in ([], ["ld.so.cache"]),
-        "read-only root": obs["write_root"] != "ok"
-        and obs["write_usr"] != "ok"
-        and obs["write_work"] == "ok",
+        "read-only root": "ok" not in (obs["write_root"], obs["write_usr"]) and obs["write_work"] == "ok",
+        "read-only /proc": obs["write_sysctl"] != "ok" and obs["write_devnull"] == "ok",
         "no capabilities": obs["cap_eff"] == 0 and obs["no_new_privs"] == 1,
         "network isolated": obs["network"] == "ENETUNREACH",
         "seccomp filter": obs["seccomp"] == 2 and obs["vsock"] != "ok" and obs["keyctl"] == "EPERM",
@@ -592,8 +593,10 @@ def _execute(mode: _Mode, program: str, limits: SandboxLimits) -> _Run:
                     mode.bwrap, *mode.bwrap_args,
                     "--size", str(limits.scratch_mb << 20), "--tmpfs", TMPDIR,
                     "--size", str(limits.scratch_mb << 20), "--tmpfs", WORKDIR,
+                    "--size", str(limits.scratch_mb << 20), "--tmpfs", "/dev/shm",
                     "--perms", "0444", "--ro-bind-data", str(program_fd), PROGRAM,
-                    "--remount-ro", "/", "--chdir", WORKDIR,
+                    # read-only /proc: as root, uid 0 outside may otherwise write sysctls (no capability needed)
+                    "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR,
                     "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_w),
                     "--", mode.python, "-I", "-S", "-B", RUNNER, *config,
                 ]  # fmt: skip
