@@ -138,6 +138,30 @@ class SandboxReport:
 
 
 @dataclass(frozen=True)
+class TestedProgram:
+    """A solution and the tests that judge it, run in separate processes (see :mod:`sandbox_child`).
+
+    The untrusted ``solution`` (prompt + completion) runs in one process and only answers calls of
+    ``entry_point``, with plain data (numbers, strings, bytes, None and lists, tuples, sets, dicts of them); the
+    trusted ``context`` (the task's prompt, for helpers the tests use) and ``tests`` run in another, which calls
+    ``check(candidate)`` and alone decides the verdict. So a solution cannot end its tests early, return objects
+    that compare equal to anything, or read the expected values. A return value of another type fails the sample.
+    """
+
+    solution: str
+    tests: str
+    entry_point: str
+    context: str = ""
+    check: str = "check"
+
+    @classmethod
+    def for_task(cls, task: dict, solution: str) -> TestedProgram:
+        """``solution`` judged by a HumanEval-format task (``prompt``, ``test``, ``entry_point``); the prompt is
+        the tests' context, as it defines helpers some tests call."""
+        return cls(solution, task["test"], task["entry_point"], context=task["prompt"])
+
+
+@dataclass(frozen=True)
 class ExecutionResult:
     """Outcome of one program: ``result`` is "passed", "timed out" or "failed: <reason>"."""
 
@@ -207,18 +231,22 @@ class Sandbox:
     def report(self) -> SandboxReport:
         return self._mode.report
 
-    def run(self, program: str) -> ExecutionResult:
-        """Run one program; it passes if it runs to the end without an exception within the limits."""
+    def run(self, program: str | TestedProgram) -> ExecutionResult:
+        """Run one program; it passes if it runs to the end without an exception within the limits.
+
+        A :class:`TestedProgram` passes if its tests' ``check`` returns; prefer it for scoring generated code:
+        its verdict cannot be forged from inside the solution.
+        """
         return self._run_one(program)
 
-    def run_many(self, programs: list[str]) -> list[ExecutionResult]:
+    def run_many(self, programs: Sequence[str | TestedProgram]) -> list[ExecutionResult]:
         """Run programs on a small worker pool; results in input order. One bad sample affects only itself."""
         if not programs:
             return []
         with ThreadPoolExecutor(max_workers=min(self.workers, len(programs))) as pool:
             return list(pool.map(self._run_one, programs))
 
-    def _run_one(self, program: str) -> ExecutionResult:
+    def _run_one(self, program: str | TestedProgram) -> ExecutionResult:
         try:
             return _execute(self._mode, program, self.limits).result
         except SandboxUnavailable:
@@ -375,15 +403,14 @@ def _inside(path: str, tree: str) -> bool:
 
 
 def _interpreter_paths(python: str) -> list[str]:
-    """What the interpreter needs besides system libraries: its binary, libpython, its standard library."""
+    """What the interpreter needs besides system libraries: its binary, its standard library and its ``LIBDIR``
+    (``libpython`` and, for conda-like installs, the libraries its extension modules link against)."""
     paths = [python]
     for var in ("stdlib", "platstdlib"):
         paths.append(os.path.realpath(sysconfig.get_paths(scheme=_base_scheme(), vars=_base_vars())[var]))
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname:
-        lib = os.path.join(libdir, soname)
-        if os.path.exists(lib):
-            paths.append(os.path.realpath(lib))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        paths.append(os.path.realpath(libdir))
     out: list[str] = []
     for p in paths:
         if os.path.exists(p) and not any(_inside(p, q) for q in out):
@@ -574,9 +601,10 @@ def _runner_args(mode: _Mode, limits: SandboxLimits, program: str, workdir: str)
     return [f"{k}={v}" for k, v in config.items()]
 
 
-def _execute(mode: _Mode, program: str, limits: SandboxLimits) -> _Run:
+def _execute(mode: _Mode, program: str | TestedProgram, limits: SandboxLimits) -> _Run:
     start = time.monotonic()
-    data = _program_bytes(program)
+    tested = program if isinstance(program, TestedProgram) else None
+    data = _program_bytes(tested.solution if tested else program)
     groups = _SampleCgroups(mode.hierarchies, limits) if mode.hierarchies else None
     tmp = None if mode.confined else Path(tempfile.mkdtemp(prefix="codetune-sandbox-"))
     fds: list[int] = []
@@ -587,6 +615,7 @@ def _execute(mode: _Mode, program: str, limits: SandboxLimits) -> _Run:
                 seccomp_fd = _memfd("seccomp", mode.seccomp)
                 status_r, status_w = os.pipe()
                 fds += [program_fd, seccomp_fd, status_r, status_w]
+                extra = _tests_fds(tested, fds)
                 os.set_blocking(status_r, False)
                 config = _runner_args(mode, limits, PROGRAM, WORKDIR)
                 command = [
@@ -598,16 +627,29 @@ def _execute(mode: _Mode, program: str, limits: SandboxLimits) -> _Run:
                     # read-only /proc: as root, uid 0 outside may otherwise write sysctls (no capability needed)
                     "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR,
                     "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_w),
-                    "--", mode.python, "-I", "-S", "-B", RUNNER, *config,
+                    "--", mode.python, "-I", "-S", "-B", RUNNER, *config, *_tests_args(tested, extra),
                 ]  # fmt: skip
-                pass_fds, env, cwd = (program_fd, seccomp_fd, status_w), {"PATH": "/usr/bin:/bin"}, "/"
+                pass_fds, env, cwd = (
+                    (program_fd, seccomp_fd, status_w, *extra),
+                    {"PATH": "/usr/bin:/bin"},
+                    "/",
+                )
             else:
                 work = tmp / "work"
                 work.mkdir()
                 (tmp / "program.py").write_bytes(data)
                 config = _runner_args(mode, limits, str(tmp / "program.py"), str(work))
-                command = [mode.python, "-I", "-S", "-B", str(CHILD_SCRIPT), *config]
-                pass_fds, cwd = (), str(work)
+                extra = _tests_fds(tested, fds)
+                command = [
+                    mode.python,
+                    "-I",
+                    "-S",
+                    "-B",
+                    str(CHILD_SCRIPT),
+                    *config,
+                    *_tests_args(tested, extra),
+                ]
+                pass_fds, cwd = tuple(extra), str(work)
                 env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
             if groups is not None:
                 # The wrapper waits until we have put it into the sample's cgroups, then becomes bubblewrap,
@@ -673,18 +715,29 @@ def _execute(mode: _Mode, program: str, limits: SandboxLimits) -> _Run:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _tests_fds(tested: TestedProgram | None, fds: list[int]) -> list[int]:
+    """The trusted code of a tested program, in a memfd only the tests' process reads."""
+    if tested is None:
+        return []
+    fd = _memfd("tests", _program_bytes(f"{tested.context}\n{tested.tests}\n"))
+    fds.append(fd)
+    return [fd]
+
+
+def _tests_args(tested: TestedProgram | None, extra: list[int]) -> list[str]:
+    if tested is None:
+        return []
+    return [f"tests_fd={extra[0]}", f"entry_point={tested.entry_point}", f"check={tested.check}"]
+
+
 def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(f"codetune-{name}", 0)  # inheritable on purpose: bubblewrap reads it
-    os.write(fd, data) if len(data) < 65536 else _write_all(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.set_inheritable(fd, True)
-    return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
+    """An anonymous file holding ``data`` (close-on-exec: only ``pass_fds`` hands it to bubblewrap)."""
+    fd = os.memfd_create(f"codetune-{name}")
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _read_status(fd: int) -> dict:
