@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from codetune.eval.humaneval import load_problems
 from codetune.eval.results import write_results
-from codetune.eval.sandbox import Sandbox, SandboxLimits
+from codetune.eval.sandbox import Sandbox, SandboxLimits, TestedProgram
 from codetune.model.tokens import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,10 @@ def score_infills(
     if not tasks:
         raise ValueError("no infilling tasks to score")
     results = sandbox.run_many(
-        [build_program(problems[t.problem_id], t, m) for t, m in zip(tasks, middles, strict=True)]
+        [
+            TestedProgram.for_task(problems[t.problem_id], f"{t.prefix}{m}{t.suffix}")
+            for t, m in zip(tasks, middles, strict=True)
+        ]
     )
     records = [
         {
