@@ -55,7 +55,10 @@ def score(tmp_path: Path, rows: list[tuple[str, str]], **kwargs) -> list[dict]:
     path = tmp_path / "completions.jsonl"
     path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in rows))
     out = tmp_path / "out"
-    evaluate_humaneval(completions=str(path), out_dir=str(out), **kwargs)
+    try:
+        evaluate_humaneval(completions=str(path), out_dir=str(out), **kwargs)
+    except SandboxUnavailable as e:
+        pytest.skip(f"no sandbox on this machine: {e}")
     records = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
     by_task: dict[str, list[dict]] = {}
     for rec in records:
@@ -75,7 +78,10 @@ def run_plain(program: str) -> subprocess.CompletedProcess:
 
 
 def sandbox(**limits) -> Sandbox:
-    return Sandbox(SandboxLimits(**{"timeout": 5.0, **limits}))
+    try:
+        return Sandbox(SandboxLimits(**{"timeout": 5.0, **limits}))
+    except SandboxUnavailable as e:
+        pytest.skip(f"no sandbox on this machine: {e}")
 
 
 # -- 1. Unix sockets of the host --------------------------------------------------------------------------
@@ -469,6 +475,72 @@ def test_a_program_cannot_forge_its_pass(exit_call):
     result = sandbox().run(FORGER.replace("EXIT", exit_call))
     assert not result.passed, result
     assert sandbox().run("assert sorted([3, 1, 2]) == [1, 2, 3]").passed  # control: a correct program passes
+
+
+ANSWER_FORGERS = {
+    "always equal": """
+        class AlwaysEqual:
+            def __eq__(self, other):
+                return True
+            def __bool__(self):
+                return True
+        return AlwaysEqual()
+    """,
+    "int subclass": """
+        class Yes(int):
+            def __eq__(self, other):
+                return True
+        return Yes(1)
+    """,
+    "exit 0 from inside a test": "import os\nos._exit(0)",
+    "sys.exit(0) from inside a test": "import sys\nsys.exit(0)",
+    "kill the tests": "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)",
+    "read the tests' memory": """
+        import os
+        with open(f'/proc/{os.getppid()}/mem', 'rb') as f:
+            f.read(1)
+    """,
+    "patch the builtins": "import builtins\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\nreturn 0",
+}
+
+
+def test_scored_completions_cannot_forge_their_pass(tmp_path, report):
+    # Scoring runs the tests in their own process (TestedProgram): the completion only answers calls, with data.
+    rows = [
+        ("HumanEval/0", textwrap.indent(textwrap.dedent(a).strip(), "    ")) for a in ANSWER_FORGERS.values()
+    ]
+    rows.append(("HumanEval/0", PROBLEMS["HumanEval/0"]["canonical_solution"]))  # control
+    records = score(tmp_path, rows)
+    verdicts = dict(
+        zip([*ANSWER_FORGERS, "canonical"], [(r["passed"], r["result"]) for r in records], strict=True)
+    )
+    assert [v[0] for v in verdicts.values()] == [False] * len(ANSWER_FORGERS) + [True], verdicts
+    assert "cannot pass between a program and its tests" in verdicts["always equal"][1]
+
+
+def test_values_cross_between_a_program_and_its_tests_as_plain_data_only():
+    from codetune.eval import sandbox_child as child
+
+    value = [
+        1,
+        -2.5,
+        float("inf"),
+        "é\ud800",
+        b"\x00",
+        None,
+        True,
+        (1, (2,)),
+        {3, 4},
+        {"k": [1j]},
+        frozenset(),
+    ]
+    assert child.decode(child.encode(value)) == value
+    assert type(child.decode(child.encode((1,)))) is tuple and type(child.decode(child.encode(True))) is bool
+    for junk in [("float", 1.0), ("dict", [(1,)]), ("list", (1,)), ("call", [])]:
+        with pytest.raises(ValueError):
+            child.decode(junk)
+    with pytest.raises(TypeError):
+        child.encode(object())
 
 
 def test_exec_is_refused_so_a_program_cannot_become_one_that_exits_0(report):
