@@ -21,8 +21,10 @@ table of protections and what they do not cover):
 - **Rlimits** (:mod:`codetune.eval.sandbox_child`): ``RLIMIT_AS`` (a huge allocation is a ``MemoryError``),
   ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_CORE`` = 0 and ``RLIMIT_NPROC``, which, counted per user namespace
   for a non-root evaluator, bounds each sample's processes without touching the evaluator's own.
-- **Verdict**: a program passes when its process exits 0, which its runner does only after the program returned
-  normally; bubblewrap reports that status on a pipe the program never sees. There is no pass marker to steal.
+- **Verdict**: the exit status of the runner, which bubblewrap reports on a pipe the program never sees; there is
+  no pass marker to steal. For a :class:`TestedProgram` (what the evals score with), the tests run in a process
+  of their own and call the solution's entry point across a pipe, with plain data only, so the solution cannot
+  forge its pass; a plain program passes when it returned normally (see :mod:`codetune.eval.sandbox_child`).
 
 Fail closed: :class:`Sandbox` raises :class:`SandboxUnavailable` (one line: what is missing, how to fix it)
 before any generated code runs when bubblewrap is missing, namespaces are refused, no cgroup can be made, or a
