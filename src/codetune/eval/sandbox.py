@@ -609,50 +609,14 @@ def _execute(mode: _Mode, program: str | TestedProgram, limits: SandboxLimits) -
     data = _program_bytes(tested.solution if tested else program)
     groups = _SampleCgroups(mode.hierarchies, limits) if mode.hierarchies else None
     tmp = None if mode.confined else Path(tempfile.mkdtemp(prefix="codetune-sandbox-"))
-    fds: list[int] = []
+    fds: list[int] = []  # ours to close
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             if mode.confined:
-                program_fd = _memfd("program", data)
-                seccomp_fd = _memfd("seccomp", mode.seccomp)
-                status_r, status_w = os.pipe()
-                fds += [program_fd, seccomp_fd, status_r, status_w]
-                extra = _tests_fds(tested, fds)
-                os.set_blocking(status_r, False)
-                config = _runner_args(mode, limits, PROGRAM, WORKDIR)
-                command = [
-                    mode.bwrap, *mode.bwrap_args,
-                    "--size", str(limits.scratch_mb << 20), "--tmpfs", TMPDIR,
-                    "--size", str(limits.scratch_mb << 20), "--tmpfs", WORKDIR,
-                    "--size", str(limits.scratch_mb << 20), "--tmpfs", "/dev/shm",
-                    "--perms", "0444", "--ro-bind-data", str(program_fd), PROGRAM,
-                    # read-only /proc: as root, uid 0 outside may otherwise write sysctls (no capability needed)
-                    "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR,
-                    "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_w),
-                    "--", mode.python, "-I", "-S", "-B", RUNNER, *config, *_tests_args(tested, extra),
-                ]  # fmt: skip
-                pass_fds, env, cwd = (
-                    (program_fd, seccomp_fd, status_w, *extra),
-                    {"PATH": "/usr/bin:/bin"},
-                    "/",
-                )
+                command, pass_fds, status_r = _confined_command(mode, limits, data, tested, fds)
+                env, cwd = {"PATH": "/usr/bin:/bin"}, "/"
             else:
-                work = tmp / "work"
-                work.mkdir()
-                (tmp / "program.py").write_bytes(data)
-                config = _runner_args(mode, limits, str(tmp / "program.py"), str(work))
-                extra = _tests_fds(tested, fds)
-                command = [
-                    mode.python,
-                    "-I",
-                    "-S",
-                    "-B",
-                    str(CHILD_SCRIPT),
-                    *config,
-                    *_tests_args(tested, extra),
-                ]
-                pass_fds, cwd = tuple(extra), str(work)
-                env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
+                command, pass_fds, env, cwd = _unconfined_command(mode, limits, data, tested, fds, tmp)
             if groups is not None:
                 # The wrapper waits until we have put it into the sample's cgroups, then becomes bubblewrap,
                 # so every process of the sample is counted from its first fork.
@@ -666,16 +630,7 @@ def _execute(mode: _Mode, program: str | TestedProgram, limits: SandboxLimits) -
                 os.close(fd)
                 fds.remove(fd)
             if groups is not None:
-                try:
-                    groups.add(proc.pid)
-                    proc.stdin.write(b"go\n")
-                except OSError as e:  # the wrapper reads EOF and exits without starting anything
-                    log.warning("sandbox: could not put a sample into its cgroups: %s", e)
-                finally:
-                    try:
-                        proc.stdin.close()
-                    except OSError:
-                        pass
+                _start_in(groups, proc)
             timed_out = not _wait_exit(proc, limits.timeout)
             # The child is not reaped yet, so its pid (= process group id) cannot have been reused.
             _kill(proc)
@@ -684,22 +639,20 @@ def _execute(mode: _Mode, program: str | TestedProgram, limits: SandboxLimits) -
             proc.wait()
             seconds = time.monotonic() - start
             stdout, stderr = _tail(out), _tail(err)
-            peak = groups.peak_memory() if groups is not None else 0
-            oom = groups is not None and groups.oom_killed()
-            if mode.confined:
-                status = _read_status(fds[fds.index(status_r)])
-                started = "child-pid" in status
-                code = status.get("exit-code")
-            else:
-                status, started = {}, groups is None or proc.returncode != SETUP_FAILED_SH
-                code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        peak = groups.peak_memory() if groups is not None else 0
+        oom = groups is not None and groups.oom_killed()
+        if mode.confined:
+            status = _read_status(status_r)
+            started, code = "child-pid" in status, status.get("exit-code")
+        else:
+            status, started = {}, groups is None or proc.returncode != SETUP_FAILED_SH
+            code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         if timed_out:
             result = ExecutionResult(False, "timed out", seconds)
         elif not started:
             reason = f"sandbox setup failed: {_last_line(stderr)}"
             log.warning("sandbox: %s (the program did not run)", reason)
             result = ExecutionResult(False, f"failed: {reason}"[:REASON_CHARS], seconds)
-            started = False
         elif code == 0:
             result = ExecutionResult(True, "passed", seconds)
         else:
@@ -715,6 +668,61 @@ def _execute(mode: _Mode, program: str | TestedProgram, limits: SandboxLimits) -
             groups.remove()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _confined_command(
+    mode: _Mode, limits: SandboxLimits, data: bytes, tested: TestedProgram | None, fds: list[int]
+) -> tuple[list[str], tuple[int, ...], int]:
+    """The bubblewrap command line, the fds it inherits, and the read end of its status pipe."""
+    program_fd = _memfd("program", data)
+    seccomp_fd = _memfd("seccomp", mode.seccomp)
+    status_r, status_w = os.pipe()
+    fds += [program_fd, seccomp_fd, status_r, status_w]
+    os.set_blocking(status_r, False)
+    extra = _tests_fds(tested, fds)
+    scratch = str(limits.scratch_mb << 20)
+    command = [
+        mode.bwrap, *mode.bwrap_args,
+        "--size", scratch, "--tmpfs", TMPDIR, "--size", scratch, "--tmpfs", WORKDIR,
+        "--size", scratch, "--tmpfs", "/dev/shm",
+        "--perms", "0444", "--ro-bind-data", str(program_fd), PROGRAM,
+        # read-only /proc: as root, uid 0 outside could otherwise write sysctls (they need no capability)
+        "--remount-ro", "/proc", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR,
+        "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_w),
+        "--", mode.python, "-I", "-S", "-B", RUNNER,
+        *_runner_args(mode, limits, PROGRAM, WORKDIR), *_tests_args(tested, extra),
+    ]  # fmt: skip
+    return command, (program_fd, seccomp_fd, status_w, *extra), status_r
+
+
+def _unconfined_command(
+    mode: _Mode, limits: SandboxLimits, data: bytes, tested: TestedProgram | None, fds: list[int], tmp: Path
+) -> tuple[list[str], tuple[int, ...], dict[str, str], str]:
+    """The runner as a plain child (``unsafe_no_sandbox``): command, inherited fds, environment, cwd."""
+    work = tmp / "work"
+    work.mkdir()
+    (tmp / "program.py").write_bytes(data)
+    extra = _tests_fds(tested, fds)
+    command = [
+        mode.python, "-I", "-S", "-B", str(CHILD_SCRIPT),
+        *_runner_args(mode, limits, str(tmp / "program.py"), str(work)), *_tests_args(tested, extra),
+    ]  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work), "TMPDIR": str(work)}
+    return command, tuple(extra), env, str(work)
+
+
+def _start_in(groups: _SampleCgroups, proc: subprocess.Popen) -> None:
+    """Put the waiting wrapper into the sample's cgroups, then let it go (on failure it reads EOF and exits)."""
+    try:
+        groups.add(proc.pid)
+        proc.stdin.write(b"go\n")
+    except OSError as e:
+        log.warning("sandbox: could not put a sample into its cgroups: %s", e)
+    finally:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
 
 
 def _tests_fds(tested: TestedProgram | None, fds: list[int]) -> list[int]:
