@@ -161,6 +161,7 @@ def test_keyrings_of_the_evaluators_user_are_not_reachable(report):
         assert run_plain(attack).returncode == 0, "control: the key is reachable unsandboxed"
         result = sandbox().run(attack)
         assert not result.passed and "key not reachable" in result.result, result
+        assert sandbox().run("import hashlib\nassert hashlib.sha256(b'').hexdigest()").passed  # control
     finally:
         libc.syscall(SYS_KEYCTL, KEYCTL_INVALIDATE, serial)
 
@@ -451,6 +452,19 @@ for obj in gc.get_objects():
 candidates.update(hexes.findall(str(os.environ) + " ".join(sys.argv)))
 for path in ("/proc/self/environ", "/proc/self/cmdline"):
     candidates.update(hexes.findall(open(path, "rb").read().decode("latin-1")))
+scanned = 0
+for line in open("/proc/self/maps"):  # the process's own memory, region by region (8 MiB at most)
+    span, perms = line.split()[:2]
+    lo, hi = (int(x, 16) for x in span.split("-"))
+    if perms.startswith("r") and scanned < 8 << 20:
+        try:
+            with open("/proc/self/mem", "rb") as mem:
+                mem.seek(lo)
+                chunk = mem.read(min(hi - lo, (8 << 20) - scanned))
+        except (OSError, ValueError, OverflowError):
+            continue
+        scanned += len(chunk)
+        candidates.update(m.decode() for m in re.findall(rb"[0-9a-f]{32}", chunk))
 for fd in range(3, 64):  # whatever the runner holds open
     try:
         os.set_blocking(fd, False)
