@@ -517,7 +517,7 @@ def _probe(mode: _Mode, warnings: list[str]) -> SandboxReport:
         "execve refused": obs["exec"] == "EPERM",
         "no inherited fds": len(obs["fds"]) <= 4 and set(obs["fds"]) >= {0, 1, 2},
         "process limit": obs["forked"] < 12,
-        "memory cgroup": not _cgroup_label(mode.hierarchies, "memory") or run.peak_memory > 0,
+        "memory cgroup": not _cgroup_label(mode.hierarchies, "memory") or run.peak_memory != 0,
     }
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
@@ -973,11 +973,14 @@ class _SampleCgroups:
             (group / "cgroup.procs").write_text(str(pid))
 
     def peak_memory(self) -> int:
+        """Most memory the sample's group used; -1 where the kernel does not say (cgroup v2 before 5.19)."""
         for h, group in self.groups:
             if "memory" in h.controllers:
-                name = "memory.max_usage_in_bytes" if h.version == 1 else "memory.peak"
+                path = group / ("memory.max_usage_in_bytes" if h.version == 1 else "memory.peak")
+                if not path.exists():
+                    return -1
                 try:
-                    return int((group / name).read_text())
+                    return int(path.read_text())
                 except (OSError, ValueError):
                     return 0
         return 0
