@@ -119,6 +119,8 @@ def evaluate_humaneval(
     timeout: float = 3.0,
     memory_mb: int = 1024,
     workers: int | None = None,
+    unsafe_no_sandbox: bool = False,
+    allow_no_cgroup: bool = False,
 ) -> dict[str, Any]:
     """HumanEval pass@k of a model (``model``) or of completions produced elsewhere (``completions``).
 
@@ -138,8 +140,12 @@ def evaluate_humaneval(
             ``./eval/humaneval``.
         seed: Seed of the sampling.
         timeout: Wall-clock seconds per program in the sandbox.
-        memory_mb: Address-space limit per program in the sandbox, in MiB.
+        memory_mb: Memory limit per sample in the sandbox (all its processes together, and each one's address
+            space), in MiB.
         workers: Parallel sandbox processes (default: one per CPU core).
+        unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
+            shared machine; the results and the model card carry the warning.
+        allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
 
     Returns:
         The results dict that is also written to ``humaneval_results.json``.
@@ -155,7 +161,12 @@ def evaluate_humaneval(
     problems = he.load_problems()
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(SandboxLimits(timeout=timeout, memory_mb=memory_mb), workers=workers)
+    sandbox = Sandbox(
+        SandboxLimits(timeout=timeout, memory_mb=memory_mb),
+        workers=workers,
+        unsafe_no_sandbox=unsafe_no_sandbox,
+        allow_no_cgroup=allow_no_cgroup,
+    )
     settings: dict[str, Any] = {"k": ks, "timeout": timeout, "memory_mb": memory_mb, "limit": limit}
     given: dict[str, list[str]] | None = None
     if completions is not None:
@@ -219,6 +230,8 @@ def evaluate_infilling(
     seed: int = 0,
     timeout: float = 3.0,
     workers: int | None = None,
+    unsafe_no_sandbox: bool = False,
+    allow_no_cgroup: bool = False,
 ) -> dict[str, Any]:
     """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
 
@@ -237,6 +250,9 @@ def evaluate_infilling(
         seed: Seed of the task derivation.
         timeout: Wall-clock seconds per program in the sandbox.
         workers: Parallel sandbox processes (default: one per CPU core).
+        unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
+            shared machine; the results and the model card carry the warning.
+        allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
     """
     inf.check_mode(mode)
     inf.check_format(format)
@@ -244,7 +260,12 @@ def evaluate_infilling(
     problems = he.load_problems()
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
+    sandbox = Sandbox(
+        SandboxLimits(timeout=timeout),
+        workers=workers,
+        unsafe_no_sandbox=unsafe_no_sandbox,
+        allow_no_cgroup=allow_no_cgroup,
+    )
     settings: dict[str, Any] = {
         "mode": mode,
         "format": format,

@@ -19,7 +19,7 @@ from typing import Any
 
 from codetune.eval.generate import generate
 from codetune.eval.passk import mean_pass_at_k
-from codetune.eval.sandbox import ExecutionResult, Sandbox
+from codetune.eval.sandbox import ExecutionResult, Sandbox, TestedProgram
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def score_completions(
             f"(e.g. {too_few[0]} has {counts[too_few[0]]}): raise n or lower k"
         )
     jobs = [(task, i, c) for task, cs in completions.items() for i, c in enumerate(cs)]
-    results: list[ExecutionResult] = sandbox.run_many([build_program(problems[t], c) for t, _, c in jobs])
+    results: list[ExecutionResult] = sandbox.run_many(
+        [TestedProgram.for_task(problems[t], problems[t]["prompt"] + c) for t, _, c in jobs]
+    )
     records = [
         {
             "task_id": t,

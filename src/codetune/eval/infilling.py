@@ -19,7 +19,7 @@ from typing import Any, Literal
 from codetune.data.fim import FIMConfig, FIMTransform
 from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
 from codetune.eval.generate import generate
-from codetune.eval.sandbox import Sandbox
+from codetune.eval.sandbox import Sandbox, TestedProgram
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,10 @@ def score_infills(
     if not tasks:
         raise ValueError("no infilling tasks to score")
     results = sandbox.run_many(
-        [build_program(problems[t.problem_id], t, m) for t, m in zip(tasks, middles, strict=True)]
+        [
+            TestedProgram.for_task(problems[t.problem_id], f"{t.prefix}{m}{t.suffix}")
+            for t, m in zip(tasks, middles, strict=True)
+        ]
     )
     records = [
         {

@@ -447,6 +447,8 @@ def _eval_section(facts: CardFacts) -> list[str]:
         scores = result.get("scores") if isinstance(result.get("scores"), dict) else result
         details = [f"{result['num_tasks']} tasks"] if "num_tasks" in result else []
         details += _scored_checkpoint(result)
+        if isinstance(result.get("sandbox"), dict) and result["sandbox"].get("confined") is False:
+            details.append("UNSAFE: generated code ran without the sandbox (--unsafe_no_sandbox)")
         for metric, value in scores.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and metric != "seed":
                 rows.append(
