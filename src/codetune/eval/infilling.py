@@ -1,11 +1,18 @@
-"""HumanEval infilling: remove part of a canonical solution and ask the model to fill it back in.
+"""HumanEval infilling: fill a gap in a HumanEval solution; scored by execution (pass@1) and exact match.
 
-Three task kinds, derived deterministically from each canonical solution (as in InCoder/SantaCoder/Code
-Llama's infilling benchmarks): ``single-line`` removes one non-blank line, ``multi-line`` a block of at
-least two lines, ``random-span`` the characters between two uniform cut points. Prefix = task prompt +
-solution before the gap, suffix = the rest. Prompts come from the training FIM code
-(:class:`codetune.data.fim.FIMTransform`), generation stops at the end-of-middle sentinel, and each infill
-is scored by execution (pass@1 in the sandbox) and by exact match.
+Two kinds of task sets:
+
+- ``official`` (the default): the published task sets of Bavarian et al. 2022 (``openai/human-eval-infilling``),
+  the benchmark of the SantaCoder, StarCoder and Code Llama infilling tables: ``single-line`` (1,033 tasks),
+  ``multi-line`` (5,815), ``random-span`` (1,640) and ``random-span-light`` (164), read from the pinned files of
+  :mod:`codetune.eval.benchmarks`.
+- ``derived``: one task per HumanEval problem cut deterministically from its canonical solution (``single-line``
+  removes one non-blank line, ``multi-line`` a block of at least two lines, ``random-span`` the characters
+  between two uniform cut points); needs no download, but its scores are not the papers'.
+
+Prompts come from the training FIM code (:class:`codetune.data.fim.FIMTransform`), in PSM or SPM order,
+generation stops at the end-of-middle sentinel, and the program run in the sandbox is the official harness's:
+``prefix + infill + suffix + "\n" + test + "\n" + "check(entry_point)"`` (the prompt order never enters it).
 """
 
 from __future__ import annotations
@@ -14,39 +21,70 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, carried_sentinel_sets, resolve_sentinels
+from codetune.eval.benchmarks import INFILLING_FILES, InfillTask, load_infilling_tasks
 from codetune.eval.humaneval import load_problems
 from codetune.eval.results import write_results
 from codetune.eval.sandbox import Sandbox, SandboxLimits
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "InfillTask"
+]  # re-exported: the task type lives with the benchmark files that produce most of them
+
 InfillMode = Literal["single-line", "multi-line", "random-span"]
+TaskSource = Literal["official", "derived"]
 MODES: tuple[str, ...] = ("single-line", "multi-line", "random-span")
+"""Modes of the derived tasks (``official`` also has ``random-span-light``, see :data:`OFFICIAL_MODES`)."""
+OFFICIAL_MODES: tuple[str, ...] = tuple(INFILLING_FILES)
 FORMATS: tuple[str, ...] = ("psm", "spm")
 MAX_BLOCK_LINES = 8  # multi-line blocks are 2..8 lines, the range of HumanEval function bodies
 
 
-@dataclass(frozen=True)
-class InfillTask:
-    """One infilling task: the model sees ``prefix`` and ``suffix`` and must produce ``middle``."""
+def select_tasks(
+    source: str = "official",
+    mode: str = "single-line",
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    problems: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    per_problem: int = 1,
+) -> tuple[list[InfillTask], dict[str, Any]]:
+    """The infilling tasks to run and what they are (for the results JSON); cheap, so call it before loading a model.
 
-    task_id: str
-    """``HumanEval/<i>/<mode>/<j>``."""
-    problem_id: str
-    prefix: str
-    middle: str
-    suffix: str
+    ``official``: the published set of ``mode``, its first ``limit`` tasks (in file order) for smoke runs.
+    ``derived``: ``per_problem`` tasks per HumanEval problem of ``problems`` (default all 164; ``limit``: the first
+    ``limit`` problems), drawn with ``seed``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if source == "official":
+        if mode not in OFFICIAL_MODES:
+            raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(OFFICIAL_MODES)}")
+        task_set = load_infilling_tasks(mode, data_dir)
+        tasks = task_set.tasks[:limit] if limit is not None else task_set.tasks
+        meta = {"tasks": "official", "mode": mode, "task_set": task_set.meta(), "limit": limit}
+        return tasks, meta
+    if source != "derived":
+        raise ValueError(f"unknown infilling task source {source!r}: use official or derived")
+    _check_mode(mode)
+    problems = load_problems() if problems is None else problems
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
+    meta = {"tasks": "derived", "mode": mode, "limit": limit, "seed": seed, "per_problem": per_problem}
+    return tasks, meta
 
 
 def derive_tasks(
     problems: dict[str, dict[str, Any]], mode: str, seed: int = 0, per_problem: int = 1
 ) -> list[InfillTask]:
-    """The infilling tasks of ``mode``: ``per_problem`` per HumanEval problem, the same for the same seed.
+    """The derived infilling tasks of ``mode``: ``per_problem`` per HumanEval problem, the same for the same seed.
 
     Each draw uses its own ``random.Random`` keyed by (seed, problem, mode, j), so tasks do not shift when
     problems are added, skipped or limited.
@@ -72,6 +110,8 @@ def derive_tasks(
                     prefix=problem["prompt"] + solution[:a],
                     middle=solution[a:b],
                     suffix=solution[b:],
+                    test=problem["test"],
+                    entry_point=problem["entry_point"],
                 )
             )
     return tasks
@@ -103,9 +143,9 @@ def _draw_span(
     return rng.choice(candidates) if candidates else None
 
 
-def build_program(problem: dict[str, Any], task: InfillTask, middle: str) -> str:
-    """The program an infill is judged by: the filled-in solution followed by the task's tests."""
-    return f"{task.prefix}{middle}{task.suffix}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+def build_program(task: InfillTask, middle: str) -> str:
+    """The program an infill is judged by, exactly as human-eval-infilling's ``check_correctness`` builds it."""
+    return f"{task.prefix}{middle}{task.suffix}\n{task.test}\ncheck({task.entry_point})"
 
 
 def exact_match(generated: str, expected: str) -> bool:
@@ -114,16 +154,14 @@ def exact_match(generated: str, expected: str) -> bool:
 
 
 def score_infills(
-    problems: dict[str, dict[str, Any]], tasks: Sequence[InfillTask], middles: Sequence[str], sandbox: Sandbox
+    tasks: Sequence[InfillTask], middles: Sequence[str], sandbox: Sandbox
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Execution pass@1 and exact match of one generated middle per task; returns scores and per-task records."""
     if len(middles) != len(tasks):
         raise ValueError(f"got {len(middles)} infills for {len(tasks)} tasks")
     if not tasks:
         raise ValueError("no infilling tasks to score")
-    results = sandbox.run_many(
-        [build_program(problems[t.problem_id], t, m) for t, m in zip(tasks, middles, strict=True)]
-    )
+    results = sandbox.run_many([build_program(t, m) for t, m in zip(tasks, middles, strict=True)])
     records = [
         {
             "task_id": t.task_id,
@@ -213,30 +251,37 @@ def generate_infills(
 def run_infilling(
     model: Any,
     tokenizer: Any,
-    problems: dict[str, dict[str, Any]],
-    mode: str = "single-line",
+    tasks: Sequence[InfillTask],
     fim_format: str = "psm",
     sentinels: str | FIMSentinels | None = None,
-    per_problem: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 128,
     batch_size: int = 8,
     seed: int = 0,
     sandbox: Sandbox | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]], FIMSentinels]:
-    """Derive, generate and score infilling tasks with an in-memory model (also for in-training evals).
+    task_meta: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
+    """Generate and score greedy infills of ``tasks`` (from :func:`select_tasks`) with an in-memory model.
 
-    Returns the scores, one record per task and the sentinel set used.
+    Returns the scores (``pass@1``, ``exact_match``), one record per task, and the run's meta: ``task_meta``
+    (which task set, checksum, limit) with the prompt format, sentinel set and generation settings.
     """
-    _check_mode(mode)
     _check_format(fim_format)
     chosen = require_sentinels(tokenizer, sentinels)
-    tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
     pieces = [(t.prefix, t.suffix) for t in tasks]
     middles = generate_infills(
         model, tokenizer, pieces, fim_format, chosen, max_new_tokens, batch_size, seed=seed
     )
-    scores, records = score_infills(problems, tasks, middles, sandbox or Sandbox())
-    return scores, records, chosen
+    sandbox = sandbox or Sandbox()
+    scores, records = score_infills(tasks, middles, sandbox)
+    meta = {
+        **(task_meta or {}),
+        "num_tasks": len(records),
+        "format": fim_format,
+        "sentinels": asdict(chosen),
+        "max_new_tokens": max_new_tokens,
+        "sandbox": sandbox.report.as_dict(),
+    }
+    return scores, records, meta
 
 
 # -- entry points -----------------------------------------------------------------------------------------
@@ -256,7 +301,7 @@ def evaluate_infilling(
     timeout: float = 3.0,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
+    """HumanEval infilling of a model on tasks derived from HumanEval: execution pass@1 and exact match of greedy infills.
 
     Args:
         model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
@@ -274,30 +319,15 @@ def evaluate_infilling(
         timeout: Wall-clock seconds per program in the sandbox.
         workers: Parallel sandbox processes (default: one per CPU core).
     """
-    _check_mode(mode)
     _check_format(format)
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
-    problems = load_problems()
-    if limit is not None:
-        problems = dict(list(problems.items())[:limit])
+    tasks, task_meta = select_tasks("derived", mode, limit=limit, seed=seed, per_problem=per_problem)
     sandbox = Sandbox(SandboxLimits(timeout=timeout), workers=workers)
     from codetune.checkpoints import load_for_inference
 
     started = time.monotonic()
     model_obj, tokenizer = load_for_inference(model)
-    scores, records, chosen = run_infilling(
-        model_obj,
-        tokenizer,
-        problems,
-        mode,
-        format,
-        sentinels,
-        per_problem,
-        max_new_tokens,
-        batch_size,
-        seed,
-        sandbox,
+    scores, records, meta = run_infilling(
+        model_obj, tokenizer, tasks, format, sentinels, max_new_tokens, batch_size, seed, sandbox, task_meta
     )
     results = {
         "benchmark": f"humaneval-infilling-{mode}",
@@ -308,7 +338,7 @@ def evaluate_infilling(
         "settings": {
             "mode": mode,
             "format": format,
-            "sentinels": asdict(chosen),
+            "sentinels": meta["sentinels"],
             "limit": limit,
             "per_problem": per_problem,
             "max_new_tokens": max_new_tokens,
@@ -387,7 +417,10 @@ def infill_one(
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(MODES)}")
+        only = " (random-span-light exists only as an official task set)" if mode in OFFICIAL_MODES else ""
+        raise ValueError(
+            f"unknown infilling mode {mode!r} for derived tasks: use one of {', '.join(MODES)}{only}"
+        )
 
 
 def _check_format(fim_format: str) -> None:
