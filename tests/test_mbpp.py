@@ -161,6 +161,7 @@ def test_test_setup_runs_after_the_solution():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("variant", ["sanitized", "full"])
 def test_every_reference_solution_passes(variant, sandbox):
     every = load_mbpp(variant, data_dir()).tasks
@@ -177,10 +178,10 @@ def test_every_reference_solution_passes(variant, sandbox):
         slow, {p.task_id: [p.code] for p in slow}, [1], Sandbox(SandboxLimits(timeout=90))
     )
     assert scores == {"pass@1": 1.0}
-    wrong, records = score_completions(
-        problems, {p.task_id: [_return_none(p)] for p in problems}, [1], sandbox
-    )
-    assert wrong == {"pass@1": 0.0}, [r["task_id"] for r in records if r["passed"]]
+    if variant == "sanitized":  # the sanitized problems are a reworded subset of the full file's: once is enough
+        none = {p.task_id: [_return_none(p)] for p in problems}
+        wrong, records = score_completions(problems, none, [1], sandbox)
+        assert wrong == {"pass@1": 0.0}, [r["task_id"] for r in records if r["passed"]]
 
 
 # -- with a model -----------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def test_every_reference_middle_passes(mode, tokenizer, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_every_wrong_middle_of_the_light_set_fails(sandbox):
     tasks, _ = select_tasks("official", "random-span-light", data_dir=data_dir())
     for wrong in (["pass"] * len(tasks), _other_middles(tasks)):

@@ -33,10 +33,6 @@ from codetune.eval.sandbox import Sandbox, SandboxLimits
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "InfillTask"
-]  # re-exported: the task type lives with the benchmark files that produce most of them
-
 InfillMode = Literal["single-line", "multi-line", "random-span"]
 TaskSource = Literal["official", "derived"]
 MODES: tuple[str, ...] = ("single-line", "multi-line", "random-span")
@@ -47,7 +43,7 @@ MAX_BLOCK_LINES = 8  # multi-line blocks are 2..8 lines, the range of HumanEval 
 
 
 def select_tasks(
-    source: str = "official",
+    source: TaskSource = "official",
     mode: str = "single-line",
     data_dir: str | Path | None = None,
     limit: int | None = None,
