@@ -178,7 +178,8 @@ def test_every_reference_solution_passes(variant, sandbox):
         slow, {p.task_id: [p.code] for p in slow}, [1], Sandbox(SandboxLimits(timeout=90))
     )
     assert scores == {"pass@1": 1.0}
-    if variant == "sanitized":  # the sanitized problems are a reworded subset of the full file's: once is enough
+    # The sanitized problems are a reworded subset of the full file's: one pass of wrong solutions is enough.
+    if variant == "sanitized":
         none = {p.task_id: [_return_none(p)] for p in problems}
         wrong, records = score_completions(problems, none, [1], sandbox)
         assert wrong == {"pass@1": 0.0}, [r["task_id"] for r in records if r["passed"]]
