@@ -86,7 +86,7 @@ def test_per_problem_tasks_have_distinct_gaps():
 @pytest.mark.parametrize("mode", MODES)
 def test_removed_text_as_the_infill_scores_full_marks(mode):
     tasks = derive_tasks(FIRST_40, mode)
-    scores, records = score_infills(FIRST_40, tasks, [t.middle for t in tasks], Sandbox())
+    scores, records = score_infills(tasks, [t.middle for t in tasks], Sandbox())
     assert scores == {"pass@1": 1.0, "exact_match": 1.0}
     assert len(records) == len(tasks) == 40
 
@@ -96,13 +96,13 @@ def test_removed_text_scores_full_marks_on_all_164_problems():
     sandbox = Sandbox()
     for mode in MODES:
         tasks = derive_tasks(PROBLEMS, mode)
-        scores, _ = score_infills(PROBLEMS, tasks, [t.middle for t in tasks], sandbox)
+        scores, _ = score_infills(tasks, [t.middle for t in tasks], sandbox)
         assert scores == {"pass@1": 1.0, "exact_match": 1.0}, mode
 
 
 def test_empty_infills_neither_match_nor_mostly_pass():
     tasks = derive_tasks(FIRST_40, "multi-line")
-    scores, records = score_infills(FIRST_40, tasks, [""] * len(tasks), Sandbox())
+    scores, records = score_infills(tasks, [""] * len(tasks), Sandbox())
     assert scores["exact_match"] == 0.0 and scores["pass@1"] < 0.5
     assert all(r["generated"] == "" and r["expected"] for r in records)
 

@@ -12,13 +12,13 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from codetune.checkpoints import Location, load_trained, locate
 from codetune.eval import humaneval as he
 from codetune.eval import infilling as inf
+from codetune.eval import mbpp
 from codetune.eval.perplexity import check_lengths, held_out_streams, perplexity_by_length
 from codetune.eval.retrieval import DEFAULT_POSITIONS, load_corpus, run_retrieval
 from codetune.eval.sandbox import Sandbox, SandboxLimits
@@ -161,12 +161,7 @@ def evaluate_humaneval(
     problems = he.load_problems()
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(
-        SandboxLimits(timeout=timeout, memory_mb=memory_mb),
-        workers=workers,
-        unsafe_no_sandbox=unsafe_no_sandbox,
-        allow_no_cgroup=allow_no_cgroup,
-    )
+    sandbox = _sandbox(timeout, memory_mb, workers, unsafe_no_sandbox, allow_no_cgroup)
     settings: dict[str, Any] = {"k": ks, "timeout": timeout, "memory_mb": memory_mb, "limit": limit}
     given: dict[str, list[str]] | None = None
     if completions is not None:
@@ -219,8 +214,10 @@ def evaluate_humaneval(
 
 def evaluate_infilling(
     model: str,
-    mode: inf.InfillMode = "single-line",
+    mode: Literal["single-line", "multi-line", "random-span", "random-span-light"] = "single-line",
     format: Literal["psm", "spm"] = "psm",
+    tasks: Literal["official", "derived"] = "official",
+    data_dir: str | None = None,
     sentinels: str | None = None,
     limit: int | None = None,
     per_problem: int = 1,
@@ -237,36 +234,34 @@ def evaluate_infilling(
 
     Args:
         model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        mode: ``single-line``, ``multi-line`` or ``random-span``.
+        mode: ``single-line`` (1,033 official tasks), ``multi-line`` (5,815), ``random-span`` (1,640) or
+            ``random-span-light`` (164, official only).
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
+        tasks: ``official``: the published task sets of Bavarian et al. 2022 (the papers' numbers);
+            ``derived``: one task per HumanEval problem cut from its canonical solution (no download, quick).
+        data_dir: Folder holding the official task files (``HumanEval-SingleLineInfilling.jsonl.gz`` ...); default:
+            ``$CODETUNE_BENCHMARK_DATA`` or the cache, fetched and checksum-verified on first use.
         sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
-        limit: Only the first ``limit`` HumanEval problems.
-        per_problem: Tasks per problem (distinct gaps).
+        limit: Only the first ``limit`` tasks (official) or HumanEval problems (derived), for smoke runs.
+        per_problem: Derived tasks per problem (distinct gaps).
         max_new_tokens: Generation budget per infill.
         batch_size: Prompts per generation batch.
         out_dir: Where ``infilling_results.json`` (and per-sample JSONL) go. Default: ``eval/infilling`` inside the run
             when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
             ``./eval/infilling``.
-        seed: Seed of the task derivation.
+        seed: Seed of the task derivation (derived tasks).
         timeout: Wall-clock seconds per program in the sandbox.
         workers: Parallel sandbox processes (default: one per CPU core).
         unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
             shared machine; the results and the model card carry the warning.
         allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
     """
-    inf.check_mode(mode)
     inf.check_format(format)
     _check_limit(limit)
-    problems = he.load_problems()
-    if limit is not None:
-        problems = dict(list(problems.items())[:limit])
-    sandbox = Sandbox(
-        SandboxLimits(timeout=timeout),
-        workers=workers,
-        unsafe_no_sandbox=unsafe_no_sandbox,
-        allow_no_cgroup=allow_no_cgroup,
-    )
+    selected, task_meta = inf.select_tasks(tasks, mode, data_dir, limit, seed=seed, per_problem=per_problem)
+    sandbox = _sandbox(timeout, None, workers, unsafe_no_sandbox, allow_no_cgroup)
     settings: dict[str, Any] = {
+        "tasks": tasks,
         "mode": mode,
         "format": format,
         "limit": limit,
@@ -276,14 +271,89 @@ def evaluate_infilling(
     }
 
     def work(model_obj: Any, tokenizer: Any):
-        scores, records, chosen = inf.run_infilling(
-            model_obj, tokenizer, problems, mode, format, sentinels, per_problem, max_new_tokens, batch_size,
-            seed, sandbox,
+        scores, records, meta = inf.run_infilling(
+            model_obj, tokenizer, selected, format, sentinels, max_new_tokens, batch_size, seed, sandbox,
+            task_meta,
         )  # fmt: skip
-        settings["sentinels"] = asdict(chosen)
-        return scores, records, {"seed": seed, "sandbox": sandbox.report.as_dict()}
+        settings["sentinels"] = meta["sentinels"]
+        extra = {"seed": seed, "task_set": meta.get("task_set"), "sandbox": sandbox.report.as_dict()}
+        return scores, records, extra
 
-    return run_task("infilling", f"humaneval-infilling-{mode}", model, out_dir, settings, work)
+    benchmark = f"humaneval-infilling-{mode}" + ("" if tasks == "official" else "-derived")
+    return run_task("infilling", benchmark, model, out_dir, settings, work)
+
+
+def evaluate_mbpp(
+    model: str,
+    variant: Literal["sanitized", "full"] = "sanitized",
+    data_dir: str | None = None,
+    n: int = 1,
+    k: tuple[int, ...] = (1,),
+    temperature: float | None = None,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    chat: bool = False,
+    limit: int | None = None,
+    out_dir: str | None = None,
+    seed: int = 0,
+    timeout: float = 3.0,
+    memory_mb: int = 1024,
+    workers: int | None = None,
+    unsafe_no_sandbox: bool = False,
+    allow_no_cgroup: bool = False,
+) -> dict[str, Any]:
+    """MBPP pass@k (Austin et al. 2021) with the 3-shot prompt Code Llama reports, on the evaluation split only.
+
+    Args:
+        model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
+        variant: ``sanitized`` (427 hand-verified problems, 257 scored) or ``full`` (974; task ids 11-510 scored).
+        data_dir: Folder holding ``sanitized-mbpp.json`` / ``mbpp.jsonl``; default: ``$CODETUNE_BENCHMARK_DATA`` or
+            the cache, fetched and checksum-verified on first use.
+        n: Samples per problem.
+        k: The k of pass@k to report; each must be <= n.
+        temperature: Sampling temperature; default greedy for n=1 and 0.8 for n>1.
+        top_p: Nucleus sampling mass when sampling.
+        max_new_tokens: Generation budget per completion.
+        batch_size: Prompts per generation batch.
+        chat: Ask in the tokenizer's chat template (zero-shot, instruct models) instead of the 3-shot prompt.
+        limit: Only the first ``limit`` scored problems.
+        out_dir: Where ``mbpp_results.json`` (and per-sample JSONL) go. Default: ``eval/mbpp`` inside the run.
+        seed: Seed of the sampling.
+        timeout: Wall-clock seconds per program in the sandbox.
+        memory_mb: Memory limit per sample in the sandbox, in MiB.
+        workers: Parallel sandbox processes (default: one per CPU core).
+        unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
+            shared machine; the results and the model card carry the warning.
+        allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
+    """
+    ks = sorted(set(k))
+    if not ks or min(ks) < 1 or max(ks) > n:
+        raise ValueError(f"--k must list values in [1, n={n}], got {list(k)}: raise --n or lower --k")
+    _check_limit(limit)
+    problems, task_meta = mbpp.select_problems(variant, data_dir, limit)
+    sandbox = _sandbox(timeout, memory_mb, workers, unsafe_no_sandbox, allow_no_cgroup)
+    settings: dict[str, Any] = {
+        "variant": variant,
+        "n": n,
+        "k": ks,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "chat": chat,
+        "limit": limit,
+        "timeout": timeout,
+    }
+
+    def work(model_obj: Any, tokenizer: Any):
+        scores, records, meta = mbpp.run_mbpp(
+            model_obj, tokenizer, problems, n, ks, temperature, top_p, max_new_tokens, batch_size, seed, chat,
+            sandbox, task_meta,
+        )  # fmt: skip
+        extra = {"seed": seed, "task_set": meta.get("task_set"), "sandbox": sandbox.report.as_dict()}
+        return scores, records, extra
+
+    return run_task("mbpp", f"mbpp-{variant}", model, out_dir, settings, work)
 
 
 def evaluate_retrieval(
@@ -400,10 +470,19 @@ def evaluate_perplexity(
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
     "humaneval": evaluate_humaneval,
     "infilling": evaluate_infilling,
+    "mbpp": evaluate_mbpp,
     "retrieval": evaluate_retrieval,
     "perplexity": evaluate_perplexity,
 }
 """``codetune eval`` sub-commands and ``codetune.evaluate`` tasks."""
+
+
+def _sandbox(
+    timeout: float, memory_mb: int | None, workers: int | None, unsafe_no_sandbox: bool, allow_no_cgroup: bool
+) -> Sandbox:
+    """The sandbox a task executes generated code in; it refuses (fails closed) before any model is loaded."""
+    limits = SandboxLimits(timeout=timeout) if memory_mb is None else SandboxLimits(timeout, memory_mb)
+    return Sandbox(limits, workers, unsafe_no_sandbox=unsafe_no_sandbox, allow_no_cgroup=allow_no_cgroup)
 
 
 def _check_limit(limit: int | None) -> None:

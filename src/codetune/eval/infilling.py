@@ -1,11 +1,18 @@
-"""HumanEval infilling: remove part of a canonical solution and ask the model to fill it back in.
+"""HumanEval infilling: fill a gap in a HumanEval solution; scored by execution (pass@1) and exact match.
 
-Three task kinds, derived deterministically from each canonical solution (as in InCoder/SantaCoder/Code
-Llama's infilling benchmarks): ``single-line`` removes one non-blank line, ``multi-line`` a block of at
-least two lines, ``random-span`` the characters between two uniform cut points. Prefix = task prompt +
-solution before the gap, suffix = the rest. Prompts come from the training FIM code
-(:class:`codetune.data.fim.FIMTransform`), generation stops at the end-of-middle sentinel, and each infill
-is scored by execution (pass@1 in the sandbox) and by exact match.
+Two kinds of task sets:
+
+- ``official`` (the default): the published task sets of Bavarian et al. 2022 (``openai/human-eval-infilling``),
+  the benchmark of the SantaCoder, StarCoder and Code Llama infilling tables: ``single-line`` (1,033 tasks),
+  ``multi-line`` (5,815), ``random-span`` (1,640) and ``random-span-light`` (164), read from the pinned files of
+  :mod:`codetune.eval.benchmarks`.
+- ``derived``: one task per HumanEval problem cut deterministically from its canonical solution (``single-line``
+  removes one non-blank line, ``multi-line`` a block of at least two lines, ``random-span`` the characters
+  between two uniform cut points); needs no download, but its scores are not the papers'.
+
+Prompts come from the training FIM code (:class:`codetune.data.fim.FIMTransform`), in PSM or SPM order,
+generation stops at the end-of-middle sentinel, and the program run in the sandbox is the official harness's:
+``prefix + infill + suffix + "\n" + test + "\n" + "check(entry_point)"`` (the prompt order never enters it).
 """
 
 from __future__ import annotations
@@ -13,38 +20,67 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 from codetune.data.fim import FIMConfig, FIMTransform
 from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
+from codetune.eval.benchmarks import INFILLING_FILES, InfillTask, load_infilling_tasks
 from codetune.eval.generate import generate
+from codetune.eval.humaneval import load_problems
 from codetune.eval.sandbox import Sandbox, TestedProgram
 
 log = logging.getLogger(__name__)
 
 InfillMode = Literal["single-line", "multi-line", "random-span"]
+TaskSource = Literal["official", "derived"]
 MODES: tuple[str, ...] = ("single-line", "multi-line", "random-span")
+"""Modes of the derived tasks (``official`` also has ``random-span-light``, see :data:`OFFICIAL_MODES`)."""
+OFFICIAL_MODES: tuple[str, ...] = tuple(INFILLING_FILES)
 FORMATS: tuple[str, ...] = ("psm", "spm")
 MAX_BLOCK_LINES = 8  # multi-line blocks are 2..8 lines, the range of HumanEval function bodies
 
 
-@dataclass(frozen=True)
-class InfillTask:
-    """One infilling task: the model sees ``prefix`` and ``suffix`` and must produce ``middle``."""
+def select_tasks(
+    source: TaskSource = "official",
+    mode: str = "single-line",
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    problems: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    per_problem: int = 1,
+) -> tuple[list[InfillTask], dict[str, Any]]:
+    """The infilling tasks to run and what they are (for the results JSON); cheap, so call it before loading a model.
 
-    task_id: str
-    """``HumanEval/<i>/<mode>/<j>``."""
-    problem_id: str
-    prefix: str
-    middle: str
-    suffix: str
+    ``official``: the published set of ``mode``, its first ``limit`` tasks (in file order) for smoke runs.
+    ``derived``: ``per_problem`` tasks per HumanEval problem of ``problems`` (default all 164; ``limit``: the first
+    ``limit`` problems), drawn with ``seed``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if source == "official":
+        if mode not in OFFICIAL_MODES:
+            raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(OFFICIAL_MODES)}")
+        task_set = load_infilling_tasks(mode, data_dir)
+        tasks = task_set.tasks[:limit] if limit is not None else task_set.tasks
+        meta = {"tasks": "official", "mode": mode, "task_set": task_set.meta(), "limit": limit}
+        return tasks, meta
+    if source != "derived":
+        raise ValueError(f"unknown infilling task source {source!r}: use official or derived")
+    check_mode(mode)
+    problems = load_problems() if problems is None else problems
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
+    meta = {"tasks": "derived", "mode": mode, "limit": limit, "seed": seed, "per_problem": per_problem}
+    return tasks, meta
 
 
 def derive_tasks(
     problems: dict[str, dict[str, Any]], mode: str, seed: int = 0, per_problem: int = 1
 ) -> list[InfillTask]:
-    """The infilling tasks of ``mode``: ``per_problem`` per HumanEval problem, the same for the same seed.
+    """The derived infilling tasks of ``mode``: ``per_problem`` per HumanEval problem, the same for the same seed.
 
     Each draw uses its own ``random.Random`` keyed by (seed, problem, mode, j), so tasks do not shift when
     problems are added, skipped or limited.
@@ -70,6 +106,8 @@ def derive_tasks(
                     prefix=problem["prompt"] + solution[:a],
                     middle=solution[a:b],
                     suffix=solution[b:],
+                    test=problem["test"],
+                    entry_point=problem["entry_point"],
                 )
             )
     return tasks
@@ -101,9 +139,10 @@ def _draw_span(
     return rng.choice(candidates) if candidates else None
 
 
-def build_program(problem: dict[str, Any], task: InfillTask, middle: str) -> str:
-    """The program an infill is judged by: the filled-in solution followed by the task's tests."""
-    return f"{task.prefix}{middle}{task.suffix}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+def build_program(task: InfillTask, middle: str) -> str:
+    """The program an infill is judged by, exactly as human-eval-infilling's ``check_correctness`` builds it
+    (codetune runs the same code split in two, solution and tests apart: :func:`score_infills`)."""
+    return f"{task.prefix}{middle}{task.suffix}\n{task.test}\ncheck({task.entry_point})"
 
 
 def exact_match(generated: str, expected: str) -> bool:
@@ -112,16 +151,21 @@ def exact_match(generated: str, expected: str) -> bool:
 
 
 def score_infills(
-    problems: dict[str, dict[str, Any]], tasks: Sequence[InfillTask], middles: Sequence[str], sandbox: Sandbox
+    tasks: Sequence[InfillTask], middles: Sequence[str], sandbox: Sandbox
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Execution pass@1 and exact match of one generated middle per task; returns scores and per-task records."""
     if len(middles) != len(tasks):
         raise ValueError(f"got {len(middles)} infills for {len(tasks)} tasks")
     if not tasks:
         raise ValueError("no infilling tasks to score")
+    # The filled-in solution runs apart from its tests, which alone decide (codetune.eval.sandbox.TestedProgram);
+    # the HumanEval prompt is the tests' context, for the helpers some tests call.
+    prompts = {p: problem["prompt"] for p, problem in load_problems().items()}
     results = sandbox.run_many(
         [
-            TestedProgram.for_task(problems[t.problem_id], f"{t.prefix}{m}{t.suffix}")
+            TestedProgram(
+                f"{t.prefix}{m}{t.suffix}", t.test, t.entry_point, context=prompts.get(t.problem_id, "")
+            )
             for t, m in zip(tasks, middles, strict=True)
         ]
     )
@@ -203,30 +247,37 @@ def generate_infills(
 def run_infilling(
     model: Any,
     tokenizer: Any,
-    problems: dict[str, dict[str, Any]],
-    mode: str = "single-line",
+    tasks: Sequence[InfillTask],
     fim_format: str = "psm",
     sentinels: str | FIMSentinels | None = None,
-    per_problem: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 128,
     batch_size: int = 8,
     seed: int = 0,
     sandbox: Sandbox | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]], FIMSentinels]:
-    """Derive, generate and score infilling tasks with an in-memory model (also for in-training evals).
+    task_meta: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, Any]]:
+    """Generate and score greedy infills of ``tasks`` (from :func:`select_tasks`) with an in-memory model.
 
-    Returns the scores, one record per task and the sentinel set used.
+    Returns the scores (``pass@1``, ``exact_match``), one record per task, and the run's meta: ``task_meta``
+    (which task set, checksum, limit) with the prompt format, sentinel set and generation settings.
     """
-    check_mode(mode)
     check_format(fim_format)
     chosen = require_sentinels(tokenizer, sentinels)
-    tasks = derive_tasks(problems, mode, seed=seed, per_problem=per_problem)
     pieces = [(t.prefix, t.suffix) for t in tasks]
     middles = generate_infills(
         model, tokenizer, pieces, fim_format, chosen, max_new_tokens, batch_size, seed=seed
     )
-    scores, records = score_infills(problems, tasks, middles, sandbox or Sandbox())
-    return scores, records, chosen
+    sandbox = sandbox or Sandbox()
+    scores, records = score_infills(tasks, middles, sandbox)
+    meta = {
+        **(task_meta or {}),
+        "num_tasks": len(records),
+        "format": fim_format,
+        "sentinels": asdict(chosen),
+        "max_new_tokens": max_new_tokens,
+        "sandbox": sandbox.report.as_dict(),
+    }
+    return scores, records, meta
 
 
 def infill_one(
@@ -257,7 +308,10 @@ def infill_one(
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise ValueError(f"unknown infilling mode {mode!r}: use one of {', '.join(MODES)}")
+        only = " (random-span-light exists only as an official task set)" if mode in OFFICIAL_MODES else ""
+        raise ValueError(
+            f"unknown infilling mode {mode!r} for derived tasks: use one of {', '.join(MODES)}{only}"
+        )
 
 
 def check_format(fim_format: str) -> None:
