@@ -184,6 +184,7 @@ def test_chat_prompts_are_wrapped_in_the_chat_template(tmp_path, tiny_model_dir,
     from transformers import AutoTokenizer
 
     import codetune.eval.generate as gen
+    import codetune.eval.humaneval as he
 
     folder = tmp_path / "chat-model"
     shutil.copytree(tiny_model_dir, folder)
@@ -192,8 +193,8 @@ def test_chat_prompts_are_wrapped_in_the_chat_template(tmp_path, tiny_model_dir,
     tok.save_pretrained(folder)
     seen = []
     real = gen.generate
-    monkeypatch.setattr(
-        gen, "generate", lambda m, t, prompts, **kw: seen.extend(prompts) or real(m, t, prompts, **kw)
+    monkeypatch.setattr(  # where humaneval looks it up
+        he, "generate", lambda m, t, prompts, **kw: seen.extend(prompts) or real(m, t, prompts, **kw)
     )
     results = evaluate_humaneval(
         model=str(folder), chat=True, limit=2, max_new_tokens=4, out_dir=str(tmp_path)

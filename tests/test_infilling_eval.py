@@ -178,7 +178,7 @@ def test_generation_stops_at_the_end_of_middle_sentinel(tokenizer, tiny_model_di
         seen.update(kwargs)
         return real(model, tok, prompts, **kwargs)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(infilling, "generate", spy)  # where infilling looks it up
     model, tok = load_trained(str(tiny_model_dir))
     tasks = derive_tasks(FIRST_40, "single-line")[:2]
     infilling.generate_infills(

@@ -15,7 +15,7 @@ TINY = ["--trainer.max_steps=1"]
         (["--data.init_args.fim.sentinels=starcoder"], "fim.init_args.sentinels: moved"),
         (["--trainer.max_stpes=3"], "--trainer.max_stpes (did you mean --trainer.max_steps?)"),
         (["--trainer.max_steps=abc"], "trainer.max_steps: Expected a <class 'int'>"),
-        (["--model.init_args.model.init_sed=3"], "did you mean init_seed?"),
+        (["--model.init_args.model.init_sed=3"], "(did you mean --model.init_args.model.init_seed?)"),
         (
             ["--trainer.strategy=codetune.model.sharding.FSDP2Strategy"],
             "write codetune.strategies.FSDP2Strategy",

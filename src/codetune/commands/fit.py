@@ -24,7 +24,7 @@ import codetune.strategies  # noqa: F401  (registers the strategy name "fsdp2" w
 from codetune.callbacks import ProgressBar, Throughput
 from codetune.checkpoints import locate
 from codetune.checkpoints.format import checkpoint_shapes
-from codetune.commands.recipe_errors import condensed_parse_errors
+from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
 from codetune.commands.summary import print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
 from codetune.modules.causal import CausalLM
@@ -71,6 +71,7 @@ class CodetuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_moved_class_paths(config.as_dict())
         trainer = config.trainer
         if trainer.logger in (None, True):
             # CSV by default (no extra dependency); TensorBoard / W&B when the recipe names their logger.

@@ -15,6 +15,7 @@ import inspect
 import re
 import typing
 from collections.abc import Iterable
+from typing import Any
 
 MOVED_OPTIONS: dict[str, str] = {
     "sentinels": (
@@ -74,6 +75,21 @@ def condensed_parse_errors(message: str, known_options: Iterable[str] = ()) -> s
         hint = f"; did you mean {close[0]}?" if close else ""
         return f"{full}: {owner or 'this section'} has no option {option!r}{hint}"
     return f"{key}: {leaf}" if key else leaf
+
+
+def check_moved_class_paths(config: Any) -> None:
+    """Refuse, in one line, a parsed recipe that names a class by a path that moved (a strategy given as a string
+    passes the parser and would fail later, inside Lightning)."""
+    if isinstance(config, dict):
+        values: Iterable[Any] = config.values()
+    elif isinstance(config, list | tuple):
+        values = config
+    else:
+        if isinstance(config, str) and config in MOVED_CLASS_PATHS:
+            raise ValueError(f"class_path {config} moved: write {MOVED_CLASS_PATHS[config]}")
+        return
+    for value in values:
+        check_moved_class_paths(value)
 
 
 def _deepest_leaf(message: str) -> tuple[list[str], str]:
