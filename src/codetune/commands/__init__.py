@@ -1,0 +1,1 @@
+"""One function per ``codetune`` command: argument checks, loading, the work, writing results."""
