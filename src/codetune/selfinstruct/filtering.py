@@ -55,7 +55,12 @@ def check_filter(config: ProblemFilter) -> Curator:
 def filter_problems(
     problems: Sequence[Problem], config: ProblemFilter, examples: Sequence[str] = ()
 ) -> tuple[list[Problem], dict[str, Any]]:
-    """The problems kept (first occurrences, in order) and what was removed, by reason, with a few ids each."""
+    """The problems kept (first occurrences, in order) and what was removed, by reason, with a few ids each.
+
+    ``unique`` counts problems left after removing duplicates; ``contaminated`` those removed for sharing an
+    n-gram with an evaluation set (checked first, so a contaminated copy counts as contaminated); ``kept`` is
+    the difference.
+    """
     seen_examples = {normalise_for_hash(e).lower() for e in examples}
     removed: dict[str, int] = {}
     shown: dict[str, list[str]] = {}
@@ -72,8 +77,11 @@ def filter_problems(
         removed[reason] = removed.get(reason, 0) + n
         shown[reason] = [e.removeprefix(f"{SOURCE}:") for e in report.examples.get(reason, [])]
     kept = [p for p in candidates if p.id in kept_ids]
+    duplicates = sum(removed.get(k, 0) for k in ("prompt_example", "exact_duplicate", "near_duplicate"))
     summary = {
         "seen": len(problems),
+        "unique": len(problems) - duplicates,
+        "contaminated": removed.get("contaminated", 0),
         "removed": removed,
         "examples": {k: v[:3] for k, v in shown.items()},
         "kept": len(kept),

@@ -129,18 +129,21 @@ def generate_batches(
 ) -> int:
     """Generate the batches ``log_`` lacks, ``chunk_size`` prompts per call; returns how many were made."""
     prompt = render(generation.prompt, n=generation.per_batch)
+    first = len(numbered_items(prompt)) + 1  # the list continues after the prompt's worked items
     todo = [b for b in range(generation.batches) if str(b) not in log_]
     made = 0
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         started = now()
         chunk_seed = derive_seed(seed, "problems", str(chunk[0]))
-        samples = sample(backend, [prompt] * len(chunk), generation.sampling, 1, generation.stop, chunk_seed)
+        # One prompt sampled len(chunk) times, not len(chunk) copies of it: a backend seeding each request alike
+        # (vLLM's per-request seed) would otherwise write the same list for every batch of the chunk.
+        (samples,) = sample(backend, [prompt], generation.sampling, len(chunk), generation.stop, chunk_seed)
         generated = now()
         records = []
-        for batch, (draw,) in zip(chunk, samples, strict=True):
+        for batch, draw in zip(chunk, samples, strict=True):
             text = clean_text(cut_at_stop(draw.text, generation.stop))
-            questions = [q for q in numbered_items(text) if not any(c in q for c in _CONTROL)]
+            questions = [q for q in numbered_items(text, start=first) if not any(c in q for c in _CONTROL)]
             records.append(
                 {
                     "batch": batch,

@@ -90,19 +90,28 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return truncate_at_stop(text, stop)[0]
 
 
-def numbered_items(text: str) -> list[str]:
+def numbered_items(text: str, start: int | None = None) -> list[str]:
     """The items of a numbered list (``1. ...`` or ``1) ...``); an unnumbered line continues the item above.
 
-    >>> numbered_items("4. Sort a list.\\n5. Reverse a string\\nin place.\\n\\nthanks")
+    The list is numbered consecutively: with ``start``, its first item is numbered ``start`` (or 1), and a
+    number out of sequence ends it, so digits in noise or in prose after the list are not read as items.
+
+    >>> numbered_items("4. Sort a list.\\n5. Reverse a string\\nin place.\\n\\n9. noise", start=4)
     ['Sort a list.', 'Reverse a string in place.']
     """
     items: list[str] = []
+    expected = None
     open_item = False
     for line in text.splitlines():
         match = _NUMBERED.match(line)
         if match:
+            number = int(match.group(1))
+            if expected is None and start is not None and number not in (start, 1):
+                break
+            if expected is not None and number != expected:
+                break
             items.append(match.group(2))
-            open_item = True
+            expected, open_item = number + 1, True
         elif line.strip() and open_item:
             items[-1] = f"{items[-1]} {line.strip()}"
         else:

@@ -113,12 +113,10 @@ def print_table(report: dict[str, Any]) -> None:
             table.add_row("problem lines read / malformed", f"{source['lines']} / {source['malformed']}")
         if "batches" in source:
             table.add_row("problem batches", str(source["batches"]))
-        removed = problems.get("removed", {})
         table.add_row("problems generated", str(problems.get("seen", 0)))
-        duplicates = sum(removed.get(k, 0) for k in ("exact_duplicate", "near_duplicate", "prompt_example"))
-        table.add_row("  duplicates removed", str(duplicates))
-        table.add_row("  contaminated removed", str(removed.get("contaminated", 0)))
-        table.add_row("  kept (unique, clean)", str(problems.get("kept", 0)))
+        table.add_row("  unique", str(problems.get("unique", 0)))
+        table.add_row("  decontaminated (removed)", str(problems.get("contaminated", 0)))
+        table.add_row("  kept", str(problems.get("kept", 0)))
     tests = report.get("tests") or {}
     if tests:
         status = ", ".join(f"{k} {v}" for k, v in tests["status"].items()) or "none"
