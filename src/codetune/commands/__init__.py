@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "codetune.commands.infill:infill",
         "Fill in the code between the contents of the ``prefix`` and ``suffix`` files; returns the middle.",
     ),
+    "selfinstruct": (
+        "codetune.commands.selfinstruct:selfinstruct",
+        "Generate coding problems, unit tests and solutions; keep the first solution that passes its tests.",
+    ),
 }
 """Function commands: name -> (``module:attribute`` of the function, or of a dict of sub-commands; help line)."""
 

@@ -79,7 +79,7 @@ UNSAFE_WARNING = (
 )
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(OSError):
     """Confinement cannot be set up here; no generated code was run."""
 
 
