@@ -173,13 +173,13 @@ def test_evaluate_perplexity_of_a_fit_result_reads_its_checkpoint(run, tmp_path)
 
 
 def test_evaluate_rejects_unknown_tasks_and_options_before_loading_anything():
-    with pytest.raises(ValueError, match="unknown task 'mbpp'"):
-        codetune.evaluate("mbpp", "no/such/model")
+    with pytest.raises(ValueError, match="unknown task 'mbbp'"):
+        codetune.evaluate("mbbp", "no/such/model")
     with pytest.raises(TypeError, match=r"\['lenghts'\]"):
         codetune.evaluate("perplexity", "no/such/model", lenghts=[16])
     with pytest.raises(TypeError, match="in-memory model"):
         codetune.evaluate("perplexity", object())
-    assert set(api.eval_tasks()) == {"humaneval", "infilling", "retrieval", "perplexity"}
+    assert set(api.eval_tasks()) == {"humaneval", "infilling", "mbpp", "retrieval", "perplexity"}
 
 
 def test_preview_returns_what_codetune_preview_writes(tmp_path):

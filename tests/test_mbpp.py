@@ -217,7 +217,6 @@ def test_tiny_model_runs_mbpp_greedy_and_sampled(tiny_model_dir, sandbox):
 
 
 def test_chat_mode_uses_the_chat_template_and_takes_the_replys_code(tiny_model_dir, monkeypatch, sandbox):
-    import codetune.eval.generate as gen
     from codetune.checkpoints import load_for_inference
     from codetune.eval.generate import Sample
 
@@ -235,7 +234,7 @@ def test_chat_mode_uses_the_chat_template_and_takes_the_replys_code(tiny_model_d
         reply = f"Here it is:\n```python\n{problems[0].code}\n```\nDone."
         return [[Sample(text=reply, new_tokens=1, finish="stop")] for _ in prompts]
 
-    monkeypatch.setattr(gen, "generate", generate)
+    monkeypatch.setattr(mbpp, "generate", generate)
     scores, records, meta = run_mbpp(model, tokenizer, problems, chat=True, sandbox=sandbox)
     assert seen["prompts"] == [f"<|user|>{chat_user_message(problems[0])}\n<|assistant|>"]
     assert seen["add_special_tokens"] is False and not seen.get("stop")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from codetune.checkpoints.trained import build_training_model
 from codetune.model.adapters import FAMILY_TARGETS, Adapter, resolve_target_modules
 from codetune.model.build import ModelSpec, load_model
 from codetune.model.rope import RopeScaling
@@ -151,7 +152,7 @@ def test_a_lora_checkpoint_continues_as_the_merged_model_it_trained(tokenizer, t
     trained = copy.deepcopy(module.model).merge_and_unload().state_dict()
 
     for name_or_path in (path, str(tmp_path)):  # the .ckpt file, or the run directory it is in
-        continued = load_model(ModelSpec(name_or_path=name_or_path), tokenizer)
+        continued = build_training_model(ModelSpec(name_or_path=name_or_path), tokenizer)
         assert type(continued).__name__ == "LlamaForCausalLM"
         state = continued.state_dict()
         assert state.keys() == trained.keys()
@@ -163,7 +164,7 @@ def test_a_checkpoint_carries_its_rope_into_the_next_stage(tokenizer, tiny_llama
     rope = RopeScaling(type="theta", theta=500_000.0, max_position_embeddings=4096)
     module = CausalLM(model=ModelSpec(config=tiny_llama, rope=rope), tokenizer=tokenizer)
     path = fit(module, tmp_path, steps=1)
-    continued = load_model(ModelSpec(name_or_path=path), tokenizer)
+    continued = build_training_model(ModelSpec(name_or_path=path), tokenizer)
     assert continued.config.rope_parameters["rope_theta"] == 500_000.0
     assert continued.config.max_position_embeddings == 4096
     batch = packed_batch(len(tokenizer))
@@ -184,7 +185,7 @@ def test_a_checkpoint_with_another_tokenizer_is_refused(tokenizer, tiny_llama, t
     }  # same tokens, ids reversed
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")))
     with pytest.raises(ValueError, match="disagrees with the tokenizer of checkpoint"):
-        load_model(ModelSpec(name_or_path=path), other)
+        build_training_model(ModelSpec(name_or_path=path), other)
 
 
 def test_an_exported_folder_loads_with_its_weights(tokenizer, tiny_llama, tmp_path):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import codetune.eval.generate as gen
+from codetune.eval import infilling
 from codetune.eval.generate import Sample
 from codetune.eval.infilling import (
     OFFICIAL_MODES,
@@ -83,7 +83,7 @@ def _programs_and_prompts(tasks, tokenizer, fim_format, monkeypatch):
         prompts.extend(batch)
         return [[Sample(text=t.middle, new_tokens=1, finish="stop")] for t in tasks]
 
-    monkeypatch.setattr(gen, "generate", generate)
+    monkeypatch.setattr(infilling, "generate", generate)
     recorder = RecordingSandbox()
     scores, records, meta = run_infilling(None, tokenizer, tasks, fim_format, sandbox=recorder)
     assert scores == {"pass@1": 1.0, "exact_match": 1.0} and meta["format"] == fim_format

@@ -407,7 +407,7 @@ def stream_documents(
     is the same on every rank and worker. Dedup here is within the source (a cross-source pass would have to
     see every source first).
     """
-    documents, _ = curator.run(source.documents(), split=split)
+    documents, _ = curator.run(source.documents(), side=split)
     base = repeat * REPEAT_STRIDE
     for ordinal, doc in enumerate(documents):
         if ordinal % num_shards != shard:

@@ -19,22 +19,19 @@ of their reply is run.
 
 from __future__ import annotations
 
-import ast
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from codetune.eval.benchmarks import MBPP_FEWSHOT_IDS, MBPPProblem, evaluation_split, load_mbpp
+from codetune.eval.generate import generate
 from codetune.eval.humaneval import DEFAULT_SAMPLING_TEMPERATURE, extract_code
 from codetune.eval.passk import mean_pass_at_k
-from codetune.eval.sandbox import Sandbox, TestedProgram
+from codetune.eval.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
-
-MBPP_CHECK = "_codetune_check_mbpp"
 
 TASK_TEMPLATE = (
     "You are an expert Python programmer, and here is your task: {text} "
@@ -145,28 +142,13 @@ def chat_prompt(tokenizer: Any, problem: MBPPProblem) -> str:
 
 
 def build_program(problem: MBPPProblem, completion: str) -> str:
-    """The program a completion is judged by: it, the test setup, then every assert; it passes if it runs to the end."""
+    """The program a completion is judged by: it, the test setup, then every assert; it passes if it runs to the end.
+
+    One program, as the published harnesses run MBPP: its asserts use the solution's own imports and classes and
+    compare objects (``re.Match``, trees) that cannot cross between processes, so MBPP cannot be split into a
+    solution and a separate tests process as HumanEval and infilling are. A completion written to forge a pass
+    (objects equal to anything) can therefore pass MBPP; docs/evaluation.md says so."""
     return f"{completion}\n{problem.test_setup}\n" + "\n".join(problem.test_list) + "\n"
-
-
-def entry_point(problem: MBPPProblem) -> str:
-    """The function the asserts test: the first function the reference solution defines that they call."""
-    defined = [n.name for n in ast.parse(problem.code).body if isinstance(n, ast.FunctionDef)]
-    tests = "\n".join(problem.test_list)
-    called = [name for name in defined if re.search(rf"\b{re.escape(name)}\s*\(", tests)]
-    if not called:
-        raise ValueError(f"MBPP task {problem.task_id}: its asserts call none of {defined}")
-    return called[0]
-
-
-def tested_program(problem: MBPPProblem, completion: str) -> TestedProgram:
-    """The completion judged by the problem's asserts, each in its own process (the tests alone decide, see
-    :class:`~codetune.eval.sandbox.TestedProgram`): the asserts become the body of ``check(<entry point>)``."""
-    name = entry_point(problem)
-    body = "".join(f"    {line}\n" for line in problem.test_list)
-    # The checking function gets a name no MBPP solution uses (task 56's solution is itself called `check`).
-    tests = f"{problem.test_setup}\n\n\ndef {MBPP_CHECK}({name}):\n{body}"
-    return TestedProgram(completion, tests, name, check=MBPP_CHECK)
 
 
 def score_completions(
@@ -183,7 +165,7 @@ def score_completions(
             f"no completion for {len(missing)} of {len(problems)} MBPP problems (e.g. {missing[0]})"
         )
     jobs = [(p.task_id, i, c) for p in problems for i, c in enumerate(completions[p.task_id])]
-    results = sandbox.run_many([tested_program(by_id[t], c) for t, _, c in jobs])
+    results = sandbox.run_many([build_program(by_id[t], c) for t, _, c in jobs])
     records = [
         {"task_id": t, "sample": i, "completion": c, "passed": r.passed, "result": r.result}
         for (t, i, c), r in zip(jobs, results, strict=True)
@@ -215,8 +197,6 @@ def run_mbpp(
     Greedy for ``n=1`` unless ``temperature`` is given; sampled at 0.8 / top-p 0.95 (Code Llama) for ``n>1``.
     Returns the pass@k scores, one record per sample and the run's meta (``task_meta`` plus the settings).
     """
-    from codetune.eval.generate import generate  # torch: imported when a model is actually run
-
     ks = sorted(set(k))
     if not problems:
         raise ValueError("no MBPP problems to score")

@@ -173,6 +173,7 @@ def apply_rope_scaling(config: PretrainedConfig, scaling: RopeScaling) -> None:
     Raises ValueError for a model without a configurable RoPE (GPT-2/GPT-BigCode absolute positions, ALiBi,
     GPT-J's fixed rotary) and for settings that :meth:`RopeScaling.validate` rejects.
     """
+    scaling.validate()  # again: a notebook may edit a parsed setting
     model_type = getattr(config, "model_type", type(config).__name__)
     entry_key = _rope_entry_key(config, model_type)
     rope_parameters: dict[str, Any] = config.rope_parameters

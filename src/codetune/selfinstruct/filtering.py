@@ -38,7 +38,6 @@ def curation_config(config: ProblemFilter) -> CurationConfig:
         decontamination_sets=list(config.decontamination_sets),
         decontamination_ngram=config.decontamination_ngram,
         redact=False,
-        val_fraction=0.0,
     )
 
 
