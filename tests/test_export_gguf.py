@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from codetune.data.fim import FIMConfig, FIMSplit, FIMTransform, format_infill_prompt
 from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, TokenizerSpec, build_tokenizer
 from codetune.export import editors
-from codetune.export.gguf import GgufCheckError, GgufExport, check_gguf, export_gguf
+from codetune.export.gguf import GgufExport, export_gguf
+from codetune.export.gguf_check import GgufCheckError, check_gguf
 from codetune.export.gguf_metadata import FIM_KEYS, read_gguf_metadata
 from codetune.model.rope import RopeScaling, apply_rope_scaling
 from tests.llama_cpp_runtime import run_llama_cpp
@@ -108,6 +110,13 @@ class Exported:
     tokenizer: object
     loss: float
     train_seconds: float
+    convert_cpu: float
+    """CPU seconds of the converter subprocess."""
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +145,9 @@ def starcoder_run(tmp_path_factory) -> Exported:
     hf = tmp_path_factory.mktemp("starcoder2-fim")
     model.eval().save_pretrained(hf)
     tokenizer.save_pretrained(hf)
+    cpu = children_cpu_seconds()
     export = export_gguf(hf, hf.parent / "gguf" / "tiny-fim.f16.gguf", outtype="f16", name="tiny-fim")
-    return Exported(hf=hf, export=export, tokenizer=tokenizer, loss=loss, train_seconds=train_seconds)
+    return Exported(hf, export, tokenizer, loss, train_seconds, convert_cpu=children_cpu_seconds() - cpu)
 
 
 def llama_cpp_disagreements(gguf: Path, hf: Path) -> list[str]:
@@ -184,11 +194,12 @@ def test_llama_cpp_infills_and_tokenizes_like_transformers(starcoder_run):
         assert starcoder_run.tokenizer.decode(ids) == middle
         assert margin > 1.0, f"near-tie (gap {margin:.3f}): f16 could flip it; train longer"
         print(f"\nsmallest top-1/top-2 logit gap on the greedy path of {prefix!r}: {margin:.2f}")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu_seconds()
     assert llama_cpp_disagreements(starcoder_run.export.path, starcoder_run.hf) == []
     print(
         f"\ntrain {starcoder_run.train_seconds:.1f} s (loss {starcoder_run.loss:.3f}); convert "
-        f"{starcoder_run.export.seconds:.1f} s; llama.cpp check {time.perf_counter() - started:.1f} s"
+        f"{starcoder_run.export.seconds:.1f} s wall, {starcoder_run.convert_cpu:.1f} s CPU; llama.cpp check "
+        f"{time.perf_counter() - started:.1f} s wall (node {children_cpu_seconds() - cpu:.1f} s CPU)"
     )
 
 
@@ -369,6 +380,32 @@ def test_an_existing_gguf_is_kept_without_overwrite(tmp_path, no_conversion):
     with pytest.raises(FileExistsError, match="overwrite"):
         export_gguf(fake_hf_folder(tmp_path / "hf"), tmp_path / "m.gguf")
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected", "tensors", "noted"),
+    [
+        ({"rope_type": "default", "rope_theta": 1e6}, {"freq_base": 1e6}, (), False),
+        (
+            {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+            {"freq_base": 1e4, "scaling.type": "linear", "scaling.factor": 4.0},
+            (),
+            False,
+        ),
+        (
+            {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
+            {"freq_base": 5e5},
+            ("rope_freqs.weight",),
+            False,
+        ),
+        ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, {"freq_base": 1e4}, (), True),
+    ],
+)
+def test_rope_expectations_follow_the_converter(parameters, expected, tensors, noted):
+    from codetune.export.gguf_check import _rope_expectations
+
+    rope, needs, notes = _rope_expectations({"rope_parameters": parameters, "max_position_embeddings": 4096})
+    assert (rope, needs, bool(notes)) == (expected, tensors, noted)
 
 
 # ---- editor templates under their runtimes' rules ----------------------------------------------------------

@@ -160,25 +160,25 @@ def name_warnings(model_name: str, sentinels: FIMSentinels | None) -> list[str]:
     if continue_prompt(model_name, *_PROBE) != trained:
         good = [hint for hint in _NAME_HINTS if continue_prompt(hint, *_PROBE) == trained]
         if not good:
-            rename = "no model name makes Continue build this layout by itself"
+            rename = "; no model name makes Continue build this layout by itself"
         elif continue_prompt("model", *_PROBE) == trained:
             rename = (
-                f"or rename the model to a name with no model family in it (or one containing `{good[0]}`)"
+                f", or rename the model to a name with no model family in it (or one containing `{good[0]}`)"
             )
         else:
-            rename = f"or rename the model to one containing `{good[0]}` and no other model family's name"
+            rename = f", or rename the model to one containing `{good[0]}` and no other model family's name"
         warnings.append(
             f"Continue picks its FIM template from the model name: `{model_name}` gets the {family} layout "
             f"(`{_layout(continue_prompt(model_name, '{prefix}', '{suffix}'))}`), but this model was trained on "
             f"`{format_infill_prompt('{prefix}', '{suffix}', 'psm', sentinels)}`. Fix: keep "
-            f"`promptTemplates.autocomplete` in the config below (it overrides the name; with Ollama the "
-            f"Modelfile's TEMPLATE lays out the prompt), {rename}."
+            f"`promptTemplates.autocomplete` in the Continue config (it overrides the name; with Ollama the "
+            f"Modelfile's TEMPLATE lays out the prompt){rename}."
         )
     stops = _continue_entry(model_name)[3]
     if "//" in stops:
         warnings.append(
             f"`{model_name}` makes Continue stop completions at `//` (its DeepSeek stop words), cutting them at the "
-            "first comment; `promptTemplates.autocomplete` in the config below replaces those stop words."
+            "first comment; `promptTemplates.autocomplete` in the Continue config replaces those stop words."
         )
     return warnings
 
@@ -202,7 +202,7 @@ def modelfile(export: GgufExport, gguf_path: str) -> str:
         lines.append(f'PARAMETER stop "{_quoted(stop)}"')
     if export.context_length:
         lines.append(
-            f"# Trained context: {export.context_length} tokens; Ollama's default num_ctx is smaller: "
+            f"# Trained context: {export.context_length} tokens. Ollama uses its default num_ctx unless told: "
             f"PARAMETER num_ctx {export.context_length} uses all of it (more memory)."
         )
     if export.sentinels is None:
@@ -331,7 +331,7 @@ def editor_section(export: GgufExport, model_name: str | None = None) -> str:
         "",
         "**Tabby** — the `tabby/` folder is a Tabby model directory (`tabby.json` with "
         f'`"prompt_template": {json.dumps(tabby_prompt_template(s), ensure_ascii=False)}`, weights in '
-        f"`{TABBY_GGUF.as_posix()}`): `tabby serve --model ./tabby`.",
+        f"`{TABBY_GGUF.as_posix()}`): `tabby serve --model /abs/path/to/tabby`.",
         "",
         "**Continue** (`~/.continue/config.yaml`) — autocomplete through Ollama; for llama-server use "
         "`provider: llama.cpp` with `apiBase: http://127.0.0.1:8080/`:",
