@@ -8,6 +8,7 @@ layout (``format_infill_prompt`` / ``FIMTransform.encode_infill_prompt``).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from codetune.data.fim import FIMConfig, FIMSplit, FIMTransform, format_infill_prompt
 from codetune.data.tokenizer import SENTINEL_SETS, FIMSentinels, TokenizerSpec, build_tokenizer
 from codetune.export import editors
-from codetune.export.gguf import GgufExport, export_gguf
+from codetune.export.gguf import GgufExport, check_gguf_options, export_gguf
 from codetune.export.gguf_check import GgufCheckError, check_gguf
 from codetune.export.gguf_metadata import FIM_KEYS, read_gguf_metadata
 from codetune.model.rope import RopeScaling, apply_rope_scaling
@@ -348,6 +349,10 @@ def test_unsupported_architecture_is_one_line_naming_it_and_the_supported_ones(t
     assert (
         "Starcoder2ForCausalLM" in message and "LlamaForCausalLM" in message and "Qwen2ForCausalLM" in message
     )
+    # The same line from the check an export command makes before loading any weights.
+    with pytest.raises(ValueError, match="architecture FooBarForCausalLM"):
+        check_gguf_options("f16", "FooBarForCausalLM")
+    check_gguf_options("q8_0", "Starcoder2ForCausalLM")
 
 
 def test_adapter_only_folder_asks_for_the_merged_export(tmp_path, no_conversion):
@@ -364,6 +369,19 @@ def test_k_quant_without_llama_quantize_says_how_to_get_it(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="needs llama.cpp's `llama-quantize` on PATH") as err:
         export_gguf(fake_hf_folder(tmp_path / "hf"), tmp_path / "m.gguf", outtype="q4_k_m")
     assert "q8_0" in str(err.value) and "releases" in str(err.value)
+
+
+def test_a_sentencepiece_vocabulary_without_sentencepiece_names_the_extra(
+    tmp_path, monkeypatch, no_conversion
+):
+    folder = fake_hf_folder(tmp_path / "hf", "LlamaForCausalLM")
+    (folder / "tokenizer.model").write_bytes(b"")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "sentencepiece" else real(n, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"codetune\[gguf\]"):
+        export_gguf(folder, tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize(
@@ -474,6 +492,10 @@ def test_editor_files_point_at_the_gguf_and_carry_the_template(tmp_path):
         "ollama create tiny-fim -f Modelfile" in files.section
         and "llama-server -m tiny-fim.f16.gguf" in files.section
     )
+    bare = editors.write_editor_files(
+        export_of(SENTINEL_SETS["starcoder"], gguf), tmp_path / "bare", tabby_weights=False
+    )
+    assert (bare.tabby / "tabby.json").is_file() and not (bare.tabby / "ggml").exists()
 
 
 def test_a_name_continue_would_misread_is_called_out_with_the_fix(tmp_path):

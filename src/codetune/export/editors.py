@@ -242,10 +242,14 @@ def ollama_name(name: str) -> str:
     return cleaned or "codetune-model"
 
 
-def write_editor_files(export: GgufExport, folder: str | Path, model_name: str | None = None) -> EditorFiles:
-    """Write ``Modelfile`` (next to the GGUF) and a Tabby model folder ``tabby/`` under ``folder``.
+def write_editor_files(
+    export: GgufExport, folder: str | Path, model_name: str | None = None, tabby_weights: bool = True
+) -> EditorFiles:
+    """Write ``Modelfile`` and a Tabby model folder ``tabby/`` under ``folder``.
 
-    The Tabby folder gets a hard link to the GGUF where the filesystem allows one (no second copy), else a copy.
+    With ``tabby_weights`` the Tabby folder gets the GGUF as ``ggml/model-00001-of-00001.gguf``: a hard link
+    where the filesystem allows one, else a copy. Without it only ``tabby.json`` is written (e.g. for a folder
+    that is uploaded, where a hard link would be uploaded as a second file); the card says where the GGUF goes.
     """
     folder = Path(folder)
     name = model_name or ollama_name(export.name)
@@ -254,13 +258,14 @@ def write_editor_files(export: GgufExport, folder: str | Path, model_name: str |
     modelfile_path = atomic_write(folder / "Modelfile", modelfile(export, f"./{relative}"))
     tabby = folder / "tabby"
     atomic_write(tabby / "tabby.json", json.dumps(tabby_json(export), indent=2, ensure_ascii=False) + "\n")
-    target = tabby / TABBY_GGUF
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(gguf, target)
-    except OSError:
-        shutil.copy2(gguf, target)
+    if tabby_weights:
+        target = tabby / TABBY_GGUF
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.unlink(missing_ok=True)
+        try:
+            os.link(gguf, target)
+        except OSError:
+            shutil.copy2(gguf, target)
     return EditorFiles(modelfile=modelfile_path, tabby=tabby, section=editor_section(export, name))
 
 
@@ -330,7 +335,7 @@ def editor_section(export: GgufExport, model_name: str | None = None) -> str:
         "```",
         "",
         "**Tabby** — the `tabby/` folder is a Tabby model directory (`tabby.json` with "
-        f'`"prompt_template": {json.dumps(tabby_prompt_template(s), ensure_ascii=False)}`, weights in '
+        f'`"prompt_template": {json.dumps(tabby_prompt_template(s), ensure_ascii=False)}`, and the GGUF as '
         f"`{TABBY_GGUF.as_posix()}`): `tabby serve --model /abs/path/to/tabby`.",
         "",
         "**Continue** (`~/.continue/config.yaml`) — autocomplete through Ollama; for llama-server use "

@@ -23,6 +23,7 @@ not support, an unknown output type, a K-quant without ``llama-quantize``, an ex
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import logging
 import os
@@ -197,11 +198,24 @@ def check_hf_folder(hf_folder: Path) -> dict[str, Any]:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if not any(hf_folder.glob("*.safetensors")) and not any(hf_folder.glob("pytorch_model*.bin")):
         raise FileNotFoundError(f"GGUF export: {hf_folder} has no weights (*.safetensors)")
+    if (hf_folder / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
+        raise ModuleNotFoundError(
+            f"GGUF export: {hf_folder} has a SentencePiece tokenizer.model, which llama.cpp's converter reads with "
+            "the sentencepiece package: pip install 'codetune[gguf]'"
+        )
     if not (hf_folder / "tokenizer.json").is_file() and not (hf_folder / "tokenizer.model").is_file():
         raise FileNotFoundError(
             f"GGUF export: {hf_folder} has no tokenizer (tokenizer.json or tokenizer.model)"
         )
     return config
+
+
+def check_gguf_options(outtype: str, architecture: str | None = None, cache_dir: str | None = None) -> None:
+    """What an export command can check before loading any weights: the output type (and ``llama-quantize``
+    for a quantized one) and, when known, the Hugging Face architecture the checkpoint will be saved as."""
+    check_outtype(outtype)
+    if architecture is not None:
+        check_architecture({"architectures": [architecture]}, llama_cpp_dir(cache_dir))
 
 
 def check_outtype(outtype: str) -> str | None:
