@@ -562,3 +562,26 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     card = (out / "README.md").read_text()
     assert "| stdlib | CodeFiles | `@stdlib` |" in card and f"about {3 * 2 * 64:,} token positions" in card
     assert "max_steps: 3" in card and "Optimizer steps | 3" in card
+
+
+@pytest.mark.slow
+def test_export_format_gguf_writes_a_checked_gguf_the_editor_files_and_the_card_section(full_run, tmp_path):
+    from codetune.exports.gguf_check import check_gguf
+
+    _, path, _ = full_run
+    out = export(str(path), str(tmp_path / "out"), dtype="float32", format="gguf", gguf_outtype="f16")
+    [gguf] = sorted((out / "gguf").glob("*.gguf"))
+    assert (out / "gguf" / "Modelfile").is_file() and (out / "gguf" / "tabby" / "tabby.json").is_file()
+    assert check_gguf(gguf, out) is not None  # FIM tokens, end token and BOS rule read back from the file
+    card = (out / "README.md").read_text()
+    assert "## Use it in your editor" in card and card.index("## Use it in your editor") < card.index(
+        "## Limitations"
+    )
+
+
+def test_export_format_gguf_refuses_an_adapter_only_export_before_any_work(
+    lora_run, tmp_path, no_model_building
+):
+    _, path, _ = lora_run
+    with pytest.raises(ValueError, match="needs the merged model"):
+        export(str(path), str(tmp_path / "out"), adapter_only=True, format="gguf")

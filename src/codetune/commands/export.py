@@ -12,10 +12,19 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
 from codetune.checkpoints import locate, read_checkpoint
-from codetune.checkpoints.trained import full_precision_spec, merge_adapters, rebuild_model
+from codetune.checkpoints.trained import (
+    full_precision_spec,
+    merge_adapters,
+    rebuild_model,
+    trained_base_config,
+)
 from codetune.exports.card import gather_facts, render_card
+from codetune.exports.editors import write_editor_files
 from codetune.exports.folder import check_out, staged_folder
+from codetune.exports.gguf import GgufOutType, check_gguf_options, export_gguf
 from codetune.exports.hub import check_repo_id, push
 from codetune.exports.secrets import check_no_secrets, known_secrets
 from codetune.exports.weights import save_adapter, save_merged, vocab_grew
@@ -35,6 +44,8 @@ def export(
     base_model: str | None = None,
     max_shard_size: str = "2GB",
     license: str | None = None,
+    format: Literal["hf", "gguf"] = "hf",
+    gguf_outtype: GgufOutType = "f16",
 ) -> Path:
     """Export a checkpoint as a Hugging Face model folder with a model card; optionally push it to the Hub.
 
@@ -53,6 +64,11 @@ def export(
         base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved.
         max_shard_size: Largest safetensors shard, e.g. ``2GB`` or ``500MB``.
         license: Licence identifier for the card's metadata (e.g. ``apache-2.0``); default ``other``.
+        format: ``hf`` (the Hugging Face folder) or ``gguf``: the folder plus ``gguf/`` with a GGUF file for
+            llama.cpp / Ollama / Tabby (FIM tokens checked), an Ollama ``Modelfile`` and a Tabby model folder; the
+            card gains a "use it in your editor" section (docs/export.md).
+        gguf_outtype: GGUF weight type: ``f16``, ``bf16``, ``q8_0``, ``f32``; K-quants (``q4_k_m``, ...) need
+            llama.cpp's ``llama-quantize`` on ``PATH``.
 
     Returns:
         The exported folder.
@@ -70,7 +86,15 @@ def export(
     elif revision is not None:
         raise ValueError("--revision names a Hub branch: it needs --push_to_hub")
 
+    if format == "gguf" and adapter_only:
+        raise ValueError("--format gguf needs the merged model: export without --adapter_only")
     checkpoint = read_checkpoint(location)
+    if (
+        format == "gguf"
+    ):  # the converter supports the architecture and the output type, before any weights load
+        config = trained_base_config(checkpoint.spec)
+        architecture = (config.architectures or [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)])[0]
+        check_gguf_options(gguf_outtype, architecture)
     if adapter_only and checkpoint.spec.adapter.method == "full":
         raise ValueError(
             f"--adapter_only: {location.path} is a full fine-tuning checkpoint and has no adapter; "
@@ -87,7 +111,15 @@ def export(
         else:
             save_merged(merge_adapters(model), tmp, dtype, max_shard_size, checkpoint.tokenizer)
         checkpoint.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(render_card(facts, secrets), encoding="utf-8")
+        extra = []
+        if format == "gguf":
+            name = target.name
+            gguf = export_gguf(
+                tmp, tmp / "gguf" / f"{name}.{gguf_outtype}.gguf", gguf_outtype, name, facts.sentinels
+            )
+            # An upload would send the GGUF twice through Tabby's folder: that copy only stays for local use.
+            extra.append(write_editor_files(gguf, tmp / "gguf", tabby_weights=push_to_hub is None).section)
+        (tmp / "README.md").write_text(render_card(facts, secrets, extra), encoding="utf-8")
         check_no_secrets(tmp, secrets)
     log.info("exported %s to %s", location.path, target)
     if push_to_hub is not None:

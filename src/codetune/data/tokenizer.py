@@ -196,6 +196,11 @@ def fim_sentinels(tokenizer) -> FIMSentinels | None:
         sentinels = FIMSentinels(**recorded)
         if all(t in vocab for t in sentinels.tokens()):
             return sentinels
+    return newest_carried_set(vocab)
+
+
+def newest_carried_set(vocab: dict[str, int]) -> FIMSentinels | None:
+    """The known sentinel set ``vocab`` carries in full; of several, the one added last (highest token ids)."""
     carried = carried_sentinel_sets(vocab)
     if not carried:
         return None

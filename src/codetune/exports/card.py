@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,9 @@ _EXAMPLE_PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """'
 _EXAMPLE_SUFFIX = "\n    return result\n"
 
 
-def render_card(facts: CardFacts, secrets: tuple[str, ...] = ()) -> str:
-    """The README.md text: Hub metadata front matter, then the card. ``secrets`` are redacted wherever found."""
+def render_card(facts: CardFacts, secrets: tuple[str, ...] = (), extra_sections: Sequence[str] = ()) -> str:
+    """The README.md text: Hub metadata front matter, then the card; ``extra_sections`` (markdown, e.g. the GGUF
+    export's "use it in your editor") go before the limitations. ``secrets`` are redacted wherever found."""
     meta: dict[str, Any] = {
         "library_name": "peft" if facts.adapter_only else "transformers",
         "license": facts.license or "other",
@@ -253,6 +255,7 @@ def render_card(facts: CardFacts, secrets: tuple[str, ...] = ()) -> str:
     parts += _training_section(facts)
     parts += _eval_section(facts)
     parts += _recipe_section(facts)
+    parts += [line for section in extra_sections for line in (section.rstrip(), "")]
     parts += [
         "## Limitations",
         "",

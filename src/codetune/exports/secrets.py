@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 REDACTED = "<redacted>"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 """Files that hold weights only; everything else an export writes is text and is checked for secrets."""
 # Keys whose values are credentials. `token` alone is not a secret marker: `pad_token`, `eos_token`,
 # `trainable_token_indices`, `tokenizer` are ordinary settings.
