@@ -189,9 +189,9 @@ def test_every_reference_solution_passes(variant, sandbox):
 
 
 def test_tiny_model_runs_mbpp_greedy_and_sampled(tiny_model_dir, sandbox):
-    from codetune.checkpoints import load_for_inference
+    from codetune.checkpoints import load_trained
 
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_trained(str(tiny_model_dir))
     problems, task_meta = select_problems("sanitized", data_dir(), limit=2)
     assert len(tokenizer(build_prompt(problems[0]))["input_ids"]) < model.config.max_position_embeddings - 8
     scores, records, meta = run_mbpp(
@@ -217,10 +217,10 @@ def test_tiny_model_runs_mbpp_greedy_and_sampled(tiny_model_dir, sandbox):
 
 
 def test_chat_mode_uses_the_chat_template_and_takes_the_replys_code(tiny_model_dir, monkeypatch, sandbox):
-    from codetune.checkpoints import load_for_inference
+    from codetune.checkpoints import load_trained
     from codetune.eval.generate import Sample
 
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_trained(str(tiny_model_dir))
     problems, _ = select_problems("sanitized", data_dir(), limit=1)
     with pytest.raises(ValueError, match="no chat template"):
         run_mbpp(model, tokenizer, problems, chat=True, sandbox=sandbox)

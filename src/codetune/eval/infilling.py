@@ -17,6 +17,7 @@ generation stops at the end-of-middle sentinel, and the program run in the sandb
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -145,6 +146,19 @@ def build_program(task: InfillTask, middle: str) -> str:
     return f"{task.prefix}{middle}{task.suffix}\n{task.test}\ncheck({task.entry_point})"
 
 
+def tested_program(task: InfillTask, middle: str) -> TestedProgram:
+    """The program of :func:`build_program` as codetune runs it: the filled-in solution apart from its tests, which
+    alone decide (:class:`~codetune.eval.sandbox.TestedProgram`); the HumanEval prompt is the tests' context, for
+    the helpers some tests call."""
+    context = _humaneval_prompts().get(task.problem_id, "")
+    return TestedProgram(f"{task.prefix}{middle}{task.suffix}", task.test, task.entry_point, context=context)
+
+
+@functools.cache
+def _humaneval_prompts() -> dict[str, str]:
+    return {task_id: problem["prompt"] for task_id, problem in load_problems().items()}
+
+
 def exact_match(generated: str, expected: str) -> bool:
     """Equal up to trailing whitespace (a trailing newline is a tokenization detail, not a different infill)."""
     return generated.rstrip() == expected.rstrip()
@@ -158,17 +172,7 @@ def score_infills(
         raise ValueError(f"got {len(middles)} infills for {len(tasks)} tasks")
     if not tasks:
         raise ValueError("no infilling tasks to score")
-    # The filled-in solution runs apart from its tests, which alone decide (codetune.eval.sandbox.TestedProgram);
-    # the HumanEval prompt is the tests' context, for the helpers some tests call.
-    prompts = {p: problem["prompt"] for p, problem in load_problems().items()}
-    results = sandbox.run_many(
-        [
-            TestedProgram(
-                f"{t.prefix}{m}{t.suffix}", t.test, t.entry_point, context=prompts.get(t.problem_id, "")
-            )
-            for t, m in zip(tasks, middles, strict=True)
-        ]
-    )
+    results = sandbox.run_many([tested_program(t, m) for t, m in zip(tasks, middles, strict=True)])
     records = [
         {
             "task_id": t.task_id,
