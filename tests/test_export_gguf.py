@@ -89,7 +89,7 @@ def greedy_middle(
     smallest top-1/top-2 logit gap along the way."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    fim = FIMTransform(FIMConfig(sentinels="starcoder"), tokenizer)
+    fim = FIMTransform(FIMConfig(), tokenizer, "starcoder")
     ids = fim.encode_infill_prompt(prefix, suffix)
     middle, margin = [], float("inf")
     with torch.no_grad(), one_thread():
@@ -141,7 +141,7 @@ def starcoder_run(tmp_path_factory) -> Exported:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-        loss = train_to_memorise(model, FIMTransform(FIMConfig(sentinels="starcoder"), tokenizer), TRAINED)
+        loss = train_to_memorise(model, FIMTransform(FIMConfig(), tokenizer, "starcoder"), TRAINED)
     train_seconds = time.perf_counter() - started
     hf = tmp_path_factory.mktemp("starcoder2-fim")
     model.eval().save_pretrained(hf)
@@ -155,7 +155,7 @@ def llama_cpp_disagreements(gguf: Path, hf: Path) -> list[str]:
     """What llama.cpp does differently from transformers on ``hf``'s model: FIM tokens it does not find, texts it
     tokenizes otherwise, infills it completes otherwise. Empty: llama.cpp serves this model as trained."""
     tokenizer = AutoTokenizer.from_pretrained(hf)
-    fim = FIMTransform(FIMConfig(sentinels="starcoder"), tokenizer)
+    fim = FIMTransform(FIMConfig(), tokenizer, "starcoder")
     prompts = [format_infill_prompt(p, s, "psm", "starcoder") for p, s, _ in TRAINED]
     answer = run_llama_cpp(
         gguf,

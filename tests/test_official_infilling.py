@@ -15,7 +15,7 @@ from codetune.eval.infilling import (
     run_infilling,
     score_infills,
     select_tasks,
-    tested_program,
+    judged_program,
 )
 from codetune.eval.sandbox import ExecutionResult, Sandbox, SandboxLimits
 from tests.benchmark_data import data_dir
@@ -75,7 +75,7 @@ def test_the_program_is_the_official_harness_one():
     expected = task.prefix + "X" + task.suffix + "\n" + task.test + "\n" + f"check({task.entry_point})"
     assert build_program(task, "X") == expected
     # codetune runs the same code split in two: the solution, then the tests and the check in their own process.
-    run = tested_program(task, "X")
+    run = judged_program(task, "X")
     assert (run.solution, run.tests, run.entry_point) == (
         task.prefix + "X" + task.suffix,
         task.test,
@@ -101,7 +101,7 @@ def _programs_and_prompts(tasks, tokenizer, fim_format, monkeypatch):
 def _check_prompt_order_only_changes_prompts(tasks, tokenizer, monkeypatch):
     psm_programs, psm_prompts = _programs_and_prompts(tasks, tokenizer, "psm", monkeypatch)
     spm_programs, spm_prompts = _programs_and_prompts(tasks, tokenizer, "spm", monkeypatch)
-    assert psm_programs == spm_programs == [tested_program(t, t.middle) for t in tasks]
+    assert psm_programs == spm_programs == [judged_program(t, t.middle) for t in tasks]
     pre, suf = tokenizer.convert_tokens_to_ids(["<PRE>", "<SUF>"])
     # PSM: <PRE> prefix <SUF> suffix <MID>; SPM: <PRE> <SUF> suffix <MID> prefix (every official prefix is non-empty)
     assert all(p[p.index(pre) + 1] != suf for p in psm_prompts)

@@ -146,7 +146,7 @@ def build_program(task: InfillTask, middle: str) -> str:
     return f"{task.prefix}{middle}{task.suffix}\n{task.test}\ncheck({task.entry_point})"
 
 
-def tested_program(task: InfillTask, middle: str) -> TestedProgram:
+def judged_program(task: InfillTask, middle: str) -> TestedProgram:
     """The program of :func:`build_program` as codetune runs it: the filled-in solution apart from its tests, which
     alone decide (:class:`~codetune.eval.sandbox.TestedProgram`); the HumanEval prompt is the tests' context, for
     the helpers some tests call."""
@@ -172,7 +172,7 @@ def score_infills(
         raise ValueError(f"got {len(middles)} infills for {len(tasks)} tasks")
     if not tasks:
         raise ValueError("no infilling tasks to score")
-    results = sandbox.run_many([tested_program(t, m) for t, m in zip(tasks, middles, strict=True)])
+    results = sandbox.run_many([judged_program(t, m) for t, m in zip(tasks, middles, strict=True)])
     records = [
         {
             "task_id": t.task_id,
