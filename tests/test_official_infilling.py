@@ -12,10 +12,10 @@ from codetune.eval.generate import Sample
 from codetune.eval.infilling import (
     OFFICIAL_MODES,
     build_program,
+    judged_program,
     run_infilling,
     score_infills,
     select_tasks,
-    judged_program,
 )
 from codetune.eval.sandbox import ExecutionResult, Sandbox, SandboxLimits
 from tests.benchmark_data import data_dir
