@@ -155,7 +155,7 @@ def test_tokenizer_without_sentinels_fails_the_eval_before_generating(
         f.unlink()
     tokenizer_without_sentinels.save_pretrained(folder)
     with pytest.raises(ValueError, match="<PRE>"):
-        evaluate_infilling(model=str(folder), limit=1, out_dir=str(tmp_path))
+        evaluate_infilling(model=str(folder), tasks="derived", limit=1, out_dir=str(tmp_path))
 
 
 def test_unknown_mode_or_format_is_rejected_before_loading(tmp_path):
@@ -190,7 +190,12 @@ def test_generation_stops_at_the_end_of_middle_sentinel(tokenizer, tiny_model_di
 @pytest.mark.parametrize("fim_format", ["psm", "spm"])
 def test_tiny_model_infilling_runs_end_to_end(tmp_path, tiny_model_dir, fim_format):
     results = evaluate_infilling(
-        model=str(tiny_model_dir), format=fim_format, limit=3, max_new_tokens=6, out_dir=str(tmp_path)
+        model=str(tiny_model_dir),
+        format=fim_format,
+        tasks="derived",
+        limit=3,
+        max_new_tokens=6,
+        out_dir=str(tmp_path),
     )
     assert results["num_tasks"] == 3 and results["settings"]["format"] == fim_format
     assert results["settings"]["sentinels"]["prefix"] == "<PRE>"
