@@ -14,7 +14,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from codetune import checkpoints
+from codetune.checkpoints import Location
 from codetune.commands.export import export
+from codetune.exports.folder import MARKER, check_out
 from tests.conftest import TINY_LLAMA
 from tests.test_checkpoints import fit_checkpoint, logits_of, sample_ids
 
@@ -479,6 +481,49 @@ def test_non_empty_out_is_refused_and_left_untouched(full_run, tmp_path, no_mode
         export(str(path), str(root), overwrite=True)
 
 
+@pytest.mark.parametrize("case", ["cwd", "parent", "home", "git", "unmarked", "marked", "empty"])
+def test_overwrite_replaces_only_an_earlier_export_never_a_users_folder(tmp_path, monkeypatch, case):
+    """``--overwrite`` deletes the old folder: only one codetune wrote, and never cwd, its parents, a home or a
+    git work tree (issue 14 #1: ``--out . --overwrite`` removed a project's files)."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "app.py").write_text("print('mine')")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    monkeypatch.chdir(project / "src")
+    ckpt = Location("checkpoint", tmp_path / "run" / "last.ckpt")
+    out, expected = {
+        "cwd": (project / "src", "is the current directory"),
+        "parent": (project, "is a parent of the current directory"),
+        "home": (home, "is a home directory"),
+        "git": (tmp_path / "repo", "is a git work tree"),
+        "unmarked": (tmp_path / "docs", "holds files codetune did not export"),
+        "marked": (tmp_path / "old-export", None),
+        "empty": (tmp_path / "empty", None),
+    }[case]
+    if case == "git":
+        (out / ".git").mkdir(parents=True)
+        (out / MARKER).write_text("{}")  # even a marked work tree: the repository is worth more
+    if case == "unmarked":
+        out.mkdir()
+        (out / "notes.md").write_text("mine")
+    if case == "marked":
+        out.mkdir()
+        (out / MARKER).write_text("{}")
+        (out / "config.json").write_text("{}")
+    if case == "empty":
+        out.mkdir()
+    before = _tree(tmp_path)
+    if expected is None:
+        assert check_out(str(out), True, ckpt) == out
+        return
+    with pytest.raises(ValueError, match=expected):
+        check_out(str(out), True, ckpt)
+    assert _tree(tmp_path) == before
+
+
 def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_one(
     full_run, tmp_path, monkeypatch
 ):
@@ -488,6 +533,7 @@ def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old export")
+    (out / MARKER).write_text("{}")  # an earlier export
 
     def crash(model, folder, *args):
         (folder / "model.safetensors").write_bytes(b"half")
@@ -497,11 +543,12 @@ def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_
         patch.setattr(export_module, "save_merged", crash)
         with pytest.raises(RuntimeError, match="disk full"):
             export(str(path), str(out), overwrite=True)
-    assert _tree(out) == {"old.txt": b"old export"}
+    assert _tree(out) == {"old.txt": b"old export", MARKER: b"{}"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old folders left beside it
 
     export(str(path), str(out), overwrite=True)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / MARKER).read_text())["checkpoint"] == str(path)  # replaceable by the next export
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     reference = tmp_path / "made-by-open.txt"
     reference.write_text("")  # the mode any plain file gets here (umask applied)
