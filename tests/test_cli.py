@@ -86,7 +86,9 @@ def test_a_source_list_on_top_of_a_recipe_replaces_the_recipes_list(tmp_path):
     (repo / "tests" / "test_app.py").write_text("def test_app():\n    assert True\n")
     mine = {"path": str(repo), "name": "mine"}
     data = tmp_path / "my-data.yaml"
-    data.write_text(json.dumps({"class_path": "codetune.data.CodeDataModule", "init_args": {"sources": [mine]}}))
+    data.write_text(
+        json.dumps({"class_path": "codetune.data.CodeDataModule", "init_args": {"sources": [mine]}})
+    )
     tiny = [a for a in TINY if not a.startswith("--data.init_args.sources")]
     for how in (["--data", str(data)], [f"--data.init_args.sources=[{json.dumps(mine)}]"]):
         source = _cli("--config", str(QUICKSTART), *how, *tiny).datamodule.sources[0]
@@ -97,7 +99,14 @@ def test_a_source_list_on_top_of_a_recipe_replaces_the_recipes_list(tmp_path):
     appended = ["fit", "--config", str(QUICKSTART), "--data.init_args.sources+=[{path: a}]"]
     assert sources_replace(appended) == appended
     replaced = sources_replace(["fit", "--config", str(QUICKSTART), "--data", str(data)])
-    assert replaced == ["fit", "--config", str(QUICKSTART), "--data.init_args.sources=[]", "--data", str(data)]
+    assert replaced == [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--data.init_args.sources=[]",
+        "--data",
+        str(data),
+    ]
 
 
 def test_dotted_overrides_reach_trainer_and_model(tmp_path):

@@ -21,7 +21,7 @@ from codetune.checkpoints.trained import (
     rebuild_model,
     trained_base_config,
 )
-from codetune.exports.card import gather_facts, render_card
+from codetune.exports.card import copy_eval_results, gather_facts, render_card
 from codetune.exports.editors import write_editor_files
 from codetune.exports.folder import check_out, staged_folder, write_marker
 from codetune.exports.gguf import GgufOutType, check_gguf_options, export_gguf
@@ -105,7 +105,9 @@ def export(
     spec = full_precision_spec(checkpoint.spec, base_model)  # fails here, in one line, if the base is gone
     grew = vocab_grew(spec, checkpoint.tokenizer)
     model = rebuild_model(checkpoint, base_model=base_model, merge=False)
-    facts = gather_facts(checkpoint, model, dtype, adapter_only, push_to_hub or target.name, license, grew)
+    facts = gather_facts(
+        checkpoint, model, dtype, adapter_only, push_to_hub or target.name, license, grew, base_model
+    )
     secrets = known_secrets()
     with staged_folder(target, overwrite) as tmp:
         write_marker(tmp, location.path)
@@ -122,6 +124,7 @@ def export(
             )
             # An upload would send the GGUF twice through Tabby's folder: that copy only stays for local use.
             extra.append(write_editor_files(gguf, tmp / "gguf", tabby_weights=push_to_hub is None).section)
+        copy_eval_results(facts, tmp)
         (tmp / "README.md").write_text(render_card(facts, secrets, extra), encoding="utf-8")
         check_no_secrets(tmp, secrets)
     log.info("exported %s to %s", location.path, target)

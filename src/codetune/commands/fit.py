@@ -22,11 +22,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 import codetune.strategies  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
-from codetune.callbacks import ProgressBar, Throughput
+from codetune.callbacks import ProgressBar, StepStats, Throughput
 from codetune.checkpoints import locate
 from codetune.checkpoints.format import checkpoint_shapes
 from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
-from codetune.commands.summary import print_summary, val_loss, val_losses
+from codetune.commands.summary import print_plan, print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
 from codetune.modules.causal import CausalLM
 from codetune.resume import AtomicCheckpoint, RNGState
@@ -61,6 +61,7 @@ class CodetuneCLI(LightningCLI):
                 "callbacks": [
                     ProgressBar(leave=True),
                     Throughput(),
+                    StepStats(),
                     AtomicCheckpoint(save_last=True),
                     RNGState(),
                 ],
@@ -74,8 +75,10 @@ class CodetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_moved_class_paths(config.as_dict())
         trainer = config.trainer
-        if trainer.logger in (None, True):
-            # CSV by default (no extra dependency); TensorBoard / W&B when the recipe names their logger.
+        self._default_logger = trainer.logger in (None, True)
+        if self._default_logger:
+            # CSV by default (no extra dependency), TensorBoard beside it when installed (instantiate_trainer);
+            # W&B or others when the recipe names their logger.
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": trainer.default_root_dir or "runs"},
@@ -90,6 +93,21 @@ class CodetuneCLI(LightningCLI):
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
         check_devices(trainer)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        if getattr(self, "_default_logger", False) and tensorboard_installed():
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            csv = trainer.logger
+            # The same version folder as the CSV logger: one run, one directory (metrics.csv + event files).
+            trainer.loggers = [
+                csv,
+                TensorBoardLogger(
+                    save_dir=csv.save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"
+                ),
+            ]
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         # A rejected recipe is one line (the key, the problem, the fix), not a usage block and an error tree.
@@ -127,6 +145,8 @@ class CodetuneCLI(LightningCLI):
         if self.trainer.limit_val_batches != 0 and not resuming:
             metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self.initial_val_loss, self.initial_val_losses = val_loss(metrics), val_losses(metrics)
+        if self.trainer.is_global_zero:
+            print_plan(self)
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
@@ -156,6 +176,13 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
             callback["class_path"] = "codetune.resume.AtomicCheckpoint"
         found = found or class_path in (*_CHECKPOINT_CLASSES, "codetune.resume.AtomicCheckpoint")
     return found
+
+
+def tensorboard_installed() -> bool:
+    """Whether Lightning's TensorBoard logger can write (the ``tensorboard`` extra, or tensorboardX)."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def check_devices(trainer: Any) -> None:

@@ -27,7 +27,9 @@ MARKER = ".codetune-export.json"
 
 def write_marker(folder: Path, source: Path) -> None:
     """Mark ``folder`` as written by ``codetune export`` (of checkpoint ``source``)."""
-    (folder / MARKER).write_text(json.dumps({"written_by": "codetune export", "checkpoint": str(source)}) + "\n")
+    (folder / MARKER).write_text(
+        json.dumps({"written_by": "codetune export", "checkpoint": str(source)}) + "\n"
+    )
 
 
 def check_out(out: str, overwrite: bool, source: Location) -> Path:
@@ -59,7 +61,9 @@ def check_replaceable(target: Path, out: str) -> None:
     if target == Path(target.anchor) or target in _home_directories():
         raise ValueError(f"--out {out} is a home directory or the file-system root; export to a new folder")
     if (target / ".git").exists():
-        raise ValueError(f"--out {out} is a git work tree; --overwrite never replaces it: export to a new folder")
+        raise ValueError(
+            f"--out {out} is a git work tree; --overwrite never replaces it: export to a new folder"
+        )
     if any(target.iterdir()) and not (target / MARKER).is_file():
         raise ValueError(
             f"--out {out} holds files codetune did not export (no {MARKER}); --overwrite replaces only an "
