@@ -80,14 +80,14 @@ def _recorded_path(source: Any) -> str:
 
 
 def _warn_fim_not_applied(
-    sources: list[Any], objectives: dict[str, str] | None, fim: FIMConfig | None
+    sources: list[Any], given: dict[str, str] | None, resolved: dict[str, str], fim: FIMConfig | None
 ) -> None:
     """Say, before any data is read, which sources train without the module's FIM objective: only code trees
     default to ``fim``; JSONL, Parquet and datasets could hold anything and need ``objectives`` to say so."""
     if fim is None:
         return
     for source in sources:
-        if isinstance(source, CodeFiles | ChatFiles) or source.name in (objectives or {}):
+        if resolved[source.name] != "causal" or source.name in (given or {}):
             continue
         log.warning(
             "data.sources[%s] (%s) trains plain causal LM, not FIM, although data.fim is set: only code trees "
