@@ -84,6 +84,23 @@ def quiet_trainer(root, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def git_repos(tmp_path_factory):
+    """Test git repositories (tests/repos.py), made once per session; read-only."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    from tests import repos
+
+    root = tmp_path_factory.mktemp("git-repos")
+    mixed, first = repos.mixed_repository(root)
+    made = {"mixed": mixed, "mixed_first": first, "package": repos.package_repository(root)}
+    made["json"] = repos.json_repository(root)
+    made.update(repos.bad_repositories(root / "bad"))
+    return made
+
+
+@pytest.fixture(scope="session")
 def codellama_spm(tmp_path_factory):
     """A Code Llama-style SentencePiece tokenizer folder (``tests.vocabularies.code_llama_spm``), trained once."""
     from tests.vocabularies import code_llama_spm

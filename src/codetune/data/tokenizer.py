@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codetune.data.repository import repo_tokens
 from codetune.data.sources import CodeFiles
 from codetune.llama_cpp import tokenizer_folder
 from codetune.storage import atomic_folder, cache_root
@@ -80,43 +81,6 @@ SENTINEL_SETS: dict[str, FIMSentinels] = {
         pad="<|fim_pad|>",
     ),
 }
-
-
-@dataclass(frozen=True)
-class RepoTokens:
-    """The tokens a family trains repository-level documents with (several files of one repository, in order).
-
-    StarCoder2 (Lozhkov et al. 2024 §5): ``<repo_name>name<file_sep>path\ncode<file_sep>path\ncode...``;
-    Qwen2.5-Coder (Hui et al. 2024 §3.1): ``<|repo_name|>name\n<|file_sep|>path\ncode\n<|file_sep|>...``.
-    """
-
-    family: str
-    """The sentinel set (:data:`SENTINEL_SETS`) of the same family."""
-    repo_name: str
-    file_sep: str
-    name_end: str
-    """What follows the repository's name (StarCoder2 nothing, Qwen a newline)."""
-    file_end: str
-    """What follows each file's content before the next separator (StarCoder2 nothing, Qwen a newline)."""
-
-    def tokens(self) -> list[str]:
-        return [self.repo_name, self.file_sep]
-
-    def render(self, repo: str, files: Sequence[tuple[str, str]]) -> str:
-        """One repository document: its name, then each ``(path, content)`` as the family lays it out. The
-        caller appends the end-of-text token, as for any document."""
-        body = "".join(f"{self.file_sep}{path}\n{content}{self.file_end}" for path, content in files)
-        return f"{self.repo_name}{repo}{self.name_end}{body}"
-
-
-REPO_TOKEN_SETS: dict[str, RepoTokens] = {
-    "starcoder": RepoTokens("starcoder", "<repo_name>", "<file_sep>", name_end="", file_end=""),
-    "qwen2.5-coder": RepoTokens(
-        "qwen2.5-coder", "<|repo_name|>", "<|file_sep|>", name_end="\n", file_end="\n"
-    ),
-}
-"""Repository tokens by family. Code Llama and DeepSeek-Coder have none (DeepSeek writes each file's path in a
-comment)."""
 
 
 DEFAULT_SENTINELS = SENTINEL_SETS["codellama"]
@@ -198,7 +162,7 @@ def build_tokenizer(spec: TokenizerSpec):
     # Released tokenizers carry some of these as plain added tokens (DeepSeek-Coder's and Qwen2.5-Coder's FIM
     # tokens): literal text in a user's code would then match them, and decoding would not skip them.
     repo = repo_tokens(tokenizer)
-    make_special(tokenizer, sentinels.tokens() + (repo.tokens() if repo else []))
+    make_special(tokenizer, sentinels.tokens() + ([repo.repo_name, repo.file_sep] if repo else []))
     if tokenizer.pad_token is None:
         # Packing pads only the final row; its labels are -100, so any id would do. A pretrained base keeps its
         # vocabulary (a new row would have to be trained or left random): its FIM pad (StarCoder2 <fim_pad>),
@@ -245,16 +209,6 @@ def make_special(tokenizer, tokens: Sequence[str]) -> list[str]:
     if after != before:  # an added token takes the id the vocabulary has for its text; anything else is a bug
         raise ValueError(f"registering {changed} as special tokens moved their ids {before} -> {after}")
     return changed
-
-
-def repo_tokens(tokenizer) -> RepoTokens | None:
-    """The repository tokens ``tokenizer`` carries: its FIM family's (StarCoder2 ``<repo_name>``/``<file_sep>``,
-    Qwen2.5-Coder ``<|repo_name|>``/``<|file_sep|>``), else any known pair it carries in full; ``None`` if none."""
-    vocab = tokenizer.get_vocab()
-    sentinels = fim_sentinels(tokenizer)
-    family = next((n for n, s in SENTINEL_SETS.items() if s == sentinels), None)
-    ordered = sorted(REPO_TOKEN_SETS.values(), key=lambda r: r.family != family)
-    return next((r for r in ordered if all(t in vocab for t in r.tokens())), None)
 
 
 def backend_copy(tokenizer, text_only: bool = False):
