@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import logging
 import sys
 
@@ -170,10 +171,10 @@ def fake_flash_attn_varlen_func(
     """flash-attn's varlen kernel: (tokens, heads, dim) cut into sequences at ``cu_seqlens``."""
     assert isinstance(max_seqlen_q, int), "a tensor max_seqlen costs flash-attn a device sync"
     bounds = cu_seqlens_q.tolist()
-    assert bounds[-1] == q.shape[0] and max(b - a for a, b in zip(bounds, bounds[1:])) == max_seqlen_q
+    assert bounds[-1] == q.shape[0] and max(b - a for a, b in itertools.pairwise(bounds)) == max_seqlen_q
     parts = [
         _sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
-        for a, b in zip(bounds, bounds[1:])
+        for a, b in itertools.pairwise(bounds)
     ]
     return torch.cat(parts)
 

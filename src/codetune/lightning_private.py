@@ -34,6 +34,7 @@ def evaluate_under_no_grad(trainer: Any) -> None:
             )
         loop.inference_mode = False
 
+
 OVERRIDDEN: dict[str, tuple[str, ...]] = {
     # AtomicCheckpoint: writes under a temporary name, finds `last` of earlier run versions.
     "lightning.pytorch.callbacks.ModelCheckpoint": (

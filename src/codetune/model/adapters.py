@@ -214,7 +214,10 @@ def quantization_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or getattr(module.weight, "quant_state", None) is not None:
+        if (
+            not isinstance(module, bnb.nn.Linear4bit)
+            or getattr(module.weight, "quant_state", None) is not None
+        ):
             continue
         quant_state = getattr(module, "quant_state", None)
         if quant_state is None:

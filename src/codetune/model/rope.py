@@ -243,7 +243,9 @@ def keep_rotary_tables_fp32(model: torch.nn.Module) -> int:
 
     guarded = 0
     for module in model.modules():
-        names = [n for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq") and b is not None]
+        names = [
+            n for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq") and b is not None
+        ]
         if not names or not type(module).__name__.endswith("RotaryEmbedding"):
             continue
         kept = {name: getattr(module, name) for name in names}
