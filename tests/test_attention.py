@@ -159,6 +159,9 @@ def _sdpa(q, k, v, causal, scale):
     return out.transpose(1, 2)
 
 
+VARLEN_CALLS: list[list[int]] = []
+
+
 def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, deterministic=False):
     """flash-attn's dense kernel: causal over each whole row."""
     return _sdpa(q, k, v, causal, softmax_scale)
@@ -171,6 +174,7 @@ def fake_flash_attn_varlen_func(
     """flash-attn's varlen kernel: (tokens, heads, dim) cut into sequences at ``cu_seqlens``."""
     assert isinstance(max_seqlen_q, int), "a tensor max_seqlen costs flash-attn a device sync"
     bounds = cu_seqlens_q.tolist()
+    VARLEN_CALLS.append(bounds)
     assert bounds[-1] == q.shape[0] and max(b - a for a, b in itertools.pairwise(bounds)) == max_seqlen_q
     parts = [
         _sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
@@ -179,13 +183,13 @@ def fake_flash_attn_varlen_func(
     return torch.cat(parts)
 
 
-def test_packed_rows_stay_apart_under_flash_attention_with_more_than_one_row(monkeypatch):
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_packed_rows_stay_apart_under_flash_attention_with_more_than_one_row(monkeypatch, adapter):
     """transformers takes flash-attn's varlen path from ``position_ids`` only for a batch of one row; codetune
     hands it the documents' boundaries, so with 2 rows every document still sees only itself (the oracle: each
     document run alone)."""
     import transformers.modeling_flash_attention_utils as fa
 
-    from codetune.data.batch import MODEL_INPUTS
     from codetune.model.build import ModelSpec
     from codetune.modules.causal import CausalLM
 
@@ -199,7 +203,8 @@ def test_packed_rows_stay_apart_under_flash_attention_with_more_than_one_row(mon
         model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
     )  # fmt: skip
-    module = CausalLM(model=ModelSpec(config=config, attn_implementation="sdpa"))
+    spec = ModelSpec(config=config, attn_implementation="sdpa", adapter={"method": adapter, "dropout": 0.0})
+    module = CausalLM(model=spec)
     module.configure_model()
     module.model.eval()
     # Two rows of 12: row 0 holds documents of 5 and 7 tokens; row 1 the rest of a document (positions 3..6),
@@ -213,8 +218,10 @@ def test_packed_rows_stay_apart_under_flash_attention_with_more_than_one_row(mon
             for d, (r, a, b) in enumerate(documents)
         }
         module.model.config._attn_implementation = "flash_attention_2"
-        batch = module.on_before_batch_transfer({"input_ids": ids, "position_ids": positions}, 0)
-        packed = module(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 12, 16, 24] and batch["max_length_q"] == 8
+        VARLEN_CALLS.clear()
+        packed = module(input_ids=ids, position_ids=positions)
+    assert VARLEN_CALLS == 2 * [
+        [0, 5, 12, 16, 24]
+    ]  # each layer took the varlen kernel, cut at every document
     for d, (r, a, b) in enumerate(documents):
         torch.testing.assert_close(packed[r, a:b], alone[d], rtol=1e-4, atol=1e-5, msg=f"document {d}")

@@ -310,12 +310,12 @@ def evaluate_as_on_nccl() -> None:
 
 
 def _cli_main() -> None:
-    """``codetune fit ...`` with Lightning's GPU evaluation context (:func:`evaluate_as_on_nccl`); Lightning starts
+    """``python tests/test_fsdp.py fit ...``: ``codetune fit ...`` with Lightning's GPU evaluation context (:func:`evaluate_as_on_nccl`); Lightning starts
     rank 1 by running this same command line."""
     from codetune.cli import main
 
     evaluate_as_on_nccl()
-    main(sys.argv[2:])
+    main(sys.argv[1:])
 
 
 def _main() -> None:
@@ -684,10 +684,11 @@ def test_codetune_fit_runs_the_fsdp_recipe_on_two_cpu_processes(tmp_path):
         "--trainer.accumulate_grad_batches=1",
         "--trainer.limit_val_batches=1",
         "--trainer.val_check_interval=2",
+        "--data.init_args.split.val_fraction=0.3",  # of 10 files: some to validate on
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--cli", "fit", *args],
+        [sys.executable, str(Path(__file__).resolve()), "fit", *args],
         cwd=tmp_path,
         env=env,
         text=True,
@@ -710,4 +711,4 @@ def test_codetune_fit_runs_the_fsdp_recipe_on_two_cpu_processes(tmp_path):
 
 
 if __name__ == "__main__":
-    _cli_main() if sys.argv[1:2] == ["--cli"] else _main()
+    _cli_main() if sys.argv[1:2] == ["fit"] else _main()

@@ -44,18 +44,8 @@ BATCH_FIELDS: dict[str, Any] = {
 }
 """The tensor fields of a row, in order, with the dtype the row store keeps them in."""
 
-MODEL_INPUTS = (
-    "input_ids",
-    "position_ids",
-    "attention_mask",
-    "cu_seq_lens_q",
-    "cu_seq_lens_k",
-    "max_length_q",
-    "max_length_k",
-)
-"""Batch fields the model itself consumes. The ``cu_seq_lens_*`` / ``max_length_*`` fields (flash-attn's document
-boundaries) are not in rows: the module adds them to a batch before it moves to the GPU when the model runs
-flash-attn (``codetune.model.attention.varlen_inputs``)."""
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
+"""Batch fields the model itself consumes."""
 
 
 def real_tokens(batch: dict[str, Any]) -> Any:

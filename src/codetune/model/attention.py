@@ -73,10 +73,6 @@ def _flash_attention_problem(device_type: str) -> str | None:
     return None
 
 
-VARLEN_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-"""The keyword arguments transformers' flash-attn path takes for packed sequences (``FlashAttentionKwargs``)."""
-
-
 def uses_flash_attention(model: Any) -> bool:
     """Whether ``model`` (a transformers or peft model) runs a flash-attn kernel."""
     config = getattr(model, "config", None)
@@ -85,13 +81,10 @@ def uses_flash_attention(model: Any) -> bool:
 
 def varlen_inputs(position_ids: torch.Tensor) -> dict[str, Any]:
     """flash-attn varlen metadata for packed rows ``position_ids`` (batch, seq): every document of every row is
-    one sequence of the flattened batch.
+    one sequence of the flattened batch (transformers' ``FlashAttentionKwargs``).
 
-    transformers infers the documents from ``position_ids`` only when the batch holds one row; with more it runs
-    plain causal flash attention over each whole row, and the packed documents attend to each other. Given
-    ``cu_seq_lens`` it takes the varlen kernel for any batch size. A document starts where the position is 0 and
-    at the start of each row (a row may begin mid-document). Computed on the host batch before it moves to the
-    GPU, so ``max_length`` is a Python int: inferring it inside the model costs device syncs in every layer.
+    A document starts where the position is 0 and at the start of each row (a row may begin mid-document).
+    Computed on the host: ``max_length`` must be a Python int, and the boundaries' count decides a shape.
     """
     rows, length = position_ids.shape
     starts = position_ids.reshape(-1) == 0
@@ -100,3 +93,39 @@ def varlen_inputs(position_ids: torch.Tensor) -> dict[str, Any]:
     cu = torch.cat([begin, torch.tensor([rows * length])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def pass_document_boundaries(model: torch.nn.Module) -> None:
+    """Make every training/scoring forward of ``model`` under flash-attn carry its packed documents' boundaries.
+
+    transformers takes flash-attn's varlen kernel from ``position_ids`` only when the batch is one row; with more
+    it runs plain causal flash attention over each whole row and packed documents attend to each other (SDPA and
+    eager build a block-diagonal mask from the same ``position_ids`` and are not affected). Given
+    ``cu_seq_lens`` it takes the varlen kernel at any batch size, and it no longer infers them itself (a device
+    sync in every layer, ~190 per micro-batch with recomputation): the boundaries cost one copy of
+    ``position_ids`` to the host per forward. Forwards with a KV cache (generation) are left alone.
+    """
+
+    def add_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        positions = kwargs.get("position_ids")
+        if (
+            positions is None
+            or positions.dim() != 2
+            or positions.shape[-1] < 2
+            or "cu_seq_lens_q" in kwargs
+            or kwargs.get("use_cache") is not False
+            or kwargs.get("past_key_values") is not None
+            or not uses_flash_attention(module)
+        ):
+            return None
+        varlen = varlen_inputs(positions.detach().cpu())
+        device = positions.device
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            varlen[key] = varlen[key].to(device, non_blocking=True)
+        return args, {**kwargs, **varlen}
+
+    # On the decoder stack (``LlamaModel``...), which the causal-LM head calls as a module even under peft (peft
+    # calls the head's ``forward`` directly, past any hook on it).
+    decoder = getattr(model, "base_model", None)
+    target = decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else model
+    target.register_forward_pre_hook(add_boundaries, with_kwargs=True)

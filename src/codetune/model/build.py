@@ -33,7 +33,7 @@ from codetune.model.adapters import (
     check_quantization_supported,
     keep_4bit_layers_trainable,
 )
-from codetune.model.attention import resolve_attn_implementation
+from codetune.model.attention import pass_document_boundaries, resolve_attn_implementation
 from codetune.model.rope import (
     RopeScaling,
     apply_rope_scaling,
@@ -211,6 +211,7 @@ def _finish(model, spec: ModelSpec, tokenizer, base_vocab: int | None, source: s
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     keep_rotary_tables_fp32(model)
+    pass_document_boundaries(model)
     # A freshly initialised model trains every row: its "new" tokens are not new.
     return apply_adapter(
         model, spec.adapter, new_rows if source != "config" else (), quantized=spec.quantization is not None

@@ -18,7 +18,6 @@ from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
 from codetune.lightning_private import evaluate_under_no_grad
 from codetune.model.adapters import quantization_state
-from codetune.model.attention import uses_flash_attention, varlen_inputs
 from codetune.model.build import ModelSpec
 from codetune.model.sharding import check_shardable_quantization, shard_from_rank0, shard_model
 from codetune.optim import check_training_precision
@@ -98,27 +97,10 @@ class CausalLM(L.LightningModule):
         """Load the model (or continue a codetune run's); stages extend this (e.g. to log what was built)."""
         return build_training_model(self.spec, self.tokenizer, meta=getattr(self, "_build_on_meta", False))
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, **varlen: Any) -> torch.Tensor:
-        """Logits; ``varlen`` are flash-attn's document boundaries (:func:`varlen_inputs`), when the batch has them."""
+    def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            **varlen,
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).logits
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # flash-attn keeps packed documents apart only with their boundaries (transformers infers them for one
-        # row only); computed here, on the host, so the kernel's lengths need no device sync.
-        if (
-            isinstance(batch, dict)
-            and batch.get("position_ids") is not None
-            and "cu_seq_lens_q" not in batch
-            and uses_flash_attention(self.model)
-        ):
-            batch = {**batch, **varlen_inputs(batch["position_ids"])}
-        return batch
 
     # ---- loss ------------------------------------------------------------------------------------
     def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,9 +168,11 @@ class CausalLM(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        check_training_precision(self.trainer.precision)
+        trainer = self._trainer
+        if trainer is not None:
+            check_training_precision(trainer.precision)
         optimizer = self.optimizer_factory(parameter_groups(self))
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+        if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
             check_fsdp_optimizer(type(optimizer))
         if self.scheduler_factory is None:
             return optimizer
