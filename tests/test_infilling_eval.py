@@ -145,9 +145,20 @@ def test_tokenizer_without_fim_sentinels_names_the_missing_tokens(tokenizer_with
 
 
 def test_tokenizer_without_sentinels_fails_the_eval_before_generating(
-    tmp_path, tiny_model_dir, tokenizer_without_sentinels
+    tmp_path, tiny_model_dir, tokenizer_without_sentinels, monkeypatch
 ):
+    """Checked from the tokenizer, before any weights load (minutes for a 7B; issue 14 #7), by eval and infill."""
     import shutil
+
+    import codetune.commands.evaluate as evaluate_module
+    import codetune.commands.infill as infill_module
+    from codetune.commands.infill import infill
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the FIM tokens were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_trained", boom)
+    monkeypatch.setattr(infill_module, "load_trained", boom)
 
     folder = tmp_path / "no-fim"
     shutil.copytree(tiny_model_dir, folder)
@@ -156,6 +167,9 @@ def test_tokenizer_without_sentinels_fails_the_eval_before_generating(
     tokenizer_without_sentinels.save_pretrained(folder)
     with pytest.raises(ValueError, match="<PRE>"):
         evaluate_infilling(model=str(folder), tasks="derived", limit=1, out_dir=str(tmp_path))
+    (tmp_path / "pre.py").write_text("def f():\n")
+    with pytest.raises(ValueError, match="<PRE>"):
+        infill(str(folder), str(tmp_path / "pre.py"), str(tmp_path / "pre.py"))
 
 
 def test_unknown_mode_or_format_is_rejected_before_loading(tmp_path):
