@@ -68,9 +68,7 @@ def main() -> None:
             Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
             super().configure_model()
             peak = _status("VmHWM")
-            shards = sum(
-                (p.to_local() if isinstance(p, DTensor) else p).nbytes for p in self.parameters()
-            )
+            shards = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in self.parameters())
             full = sum(p.numel() * p.element_size() for p in self.parameters())
             print(
                 "MEMORY "
