@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -93,6 +94,10 @@ def test_removed_text_as_the_infill_scores_full_marks(mode):
 
 @pytest.mark.slow
 def test_removed_text_scores_full_marks_on_all_164_problems():
+    # The first 40 problems run above on every CI run; since the official sets are the default, all 164
+    # derived ones are opt-in like the big official sets.
+    if os.environ.get("CODETUNE_FULL_BENCHMARK_CHECK") != "1":
+        pytest.skip("3 x 164 derived tasks (~30 s on 2 cores): set CODETUNE_FULL_BENCHMARK_CHECK=1")
     sandbox = Sandbox()
     for mode in MODES:
         tasks = derive_tasks(PROBLEMS, mode)
