@@ -80,14 +80,11 @@ class CodetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_moved_class_paths(config.as_dict())
         trainer = config.trainer
+        # CSV by default (no extra dependency), TensorBoard beside it when installed; W&B or others when the
+        # recipe names their logger. Made in instantiate_trainer, not written into the config: a run's saved
+        # config.yaml then trains again under another --trainer.default_root_dir, not into the old run's folder.
         self._default_logger = trainer.logger in (None, True)
-        if self._default_logger:
-            # CSV by default (no extra dependency), TensorBoard beside it when installed (instantiate_trainer);
-            # W&B or others when the recipe names their logger.
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": trainer.default_root_dir or "runs"},
-            }
+        self._log_root = trainer.default_root_dir or "runs"
         if trainer.enable_progress_bar is False:
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
@@ -101,19 +98,9 @@ class CodetuneCLI(LightningCLI):
         check_recipe_for_strategy(config, self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any):
-        trainer = super().instantiate_trainer(**kwargs)
-        if getattr(self, "_default_logger", False) and tensorboard_installed():
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            csv = trainer.logger
-            # The same version folder as the CSV logger: one run, one directory (metrics.csv + event files).
-            trainer.loggers = [
-                csv,
-                TensorBoardLogger(
-                    save_dir=csv.save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"
-                ),
-            ]
-        return trainer
+        if getattr(self, "_default_logger", False) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(self._log_root)
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         # A rejected recipe is one line (the key, the problem, the fix), not a usage block and an error tree.
@@ -182,6 +169,20 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
             callback["class_path"] = "codetune.resume.AtomicCheckpoint"
         found = found or class_path in (*_CHECKPOINT_CLASSES, "codetune.resume.AtomicCheckpoint")
     return found
+
+
+def default_loggers(save_dir: str, tensorboard: bool | None = None) -> list[Any]:
+    """A CSV logger, and TensorBoard's (when installed) writing into the same version folder: one run, one
+    directory (``metrics.csv``, ``tensorboard/`` event files)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv = CSVLogger(save_dir=save_dir)
+    if not (tensorboard_installed() if tensorboard is None else tensorboard):
+        return [csv]
+    return [
+        csv,
+        TensorBoardLogger(save_dir=save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"),
+    ]
 
 
 def tensorboard_installed() -> bool:
