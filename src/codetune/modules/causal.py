@@ -13,6 +13,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from codetune.checkpoints.format import add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.integrity import (
+    NonFiniteError,
+    add_checksums,
+    already_verified,
+    mark_verified,
+    non_finite,
+    verify_checksums,
+)
 from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
 from codetune.model.build import ModelSpec
@@ -157,13 +165,26 @@ class CausalLM(L.LightningModule):
 
     # ---- self-contained checkpoints --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Never write NaN weights (the run's guard stops training first; this also covers a save from elsewhere):
+        # a checkpoint that exists must be one worth resuming from.
+        broken = non_finite(checkpoint.get("state_dict", {}))
+        if broken:
+            raise NonFiniteError(
+                f"step {checkpoint.get('global_step')}: not saving a checkpoint, {len(broken)} weights hold NaN or "
+                f"infinite values ({', '.join(broken[:2])}); the checkpoints already written are untouched"
+            )
         if self.tokenizer is not None:
             add_tokenizer(checkpoint, self.tokenizer)
+        add_checksums(checkpoint)  # last: it covers every tensor the checkpoint holds
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        where = trainer.ckpt_path if trainer is not None else "checkpoint"
+        if not already_verified(where):  # the CLI verifies --ckpt_path before the data is built
+            verify_checksums(checkpoint, where)
+            mark_verified(where)
         # A checkpoint of another recipe fails here in one line rather than a page of "size mismatch" lines.
         # (Under FSDP2 the strategy has loaded the shards already, after the same check.)
-        trainer = self._trainer
         if trainer is None or self.model is None or "state_dict" not in checkpoint:
             return
         if not isinstance(trainer.strategy, ModelParallelStrategy):
