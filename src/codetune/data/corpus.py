@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +29,9 @@ import numpy as np
 
 from codetune.data.chat import ChatEncoder, ChatFiles
 from codetune.data.curation import CurationConfig, CurationReport, Curator, Side, Split
+from codetune.data.git import GitRepos
 from codetune.data.packing import PackDocument
+from codetune.data.repository import RepositoryAssembler, encode_pieces, layout_pieces
 from codetune.data.sources import CodeFiles, Document, SkipReport
 from codetune.data.tokenizer import added_bos, backend_copy
 from codetune.storage import atomic_folder
@@ -37,7 +39,7 @@ from codetune.storage import atomic_folder
 log = logging.getLogger(__name__)
 
 Objective = Literal["fim", "causal", "chat"]
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 3  # 2: repository documents carry their layout; 3: the skipped list (skipped.jsonl) and hints
 REPEAT_STRIDE = 1 << 40
 """Pass ``k`` over a source numbers its documents from ``k * REPEAT_STRIDE``, so a repeated document gets a
 fresh FIM draw (draws are keyed by source and ordinal)."""
@@ -55,17 +57,26 @@ class DocumentEncoder:
         objectives: dict[str, Objective],
         offsets: bool,
         chat_template: str = "codetune",
+        repository: RepositoryAssembler | None = None,
     ) -> None:
         self.objectives = dict(objectives)
+        self.repository = repository
+        """Joins the files of repository sources into repository documents after curation (None: no such source)."""
         self.offsets = offsets
         self._plain = backend_copy(tokenizer, text_only=True)  # code is text: `<PRE>` in a file stays text
         self.bos_id = added_bos(tokenizer)
         self.chat = ChatEncoder(tokenizer, chat_template) if "chat" in self.objectives.values() else None
 
-    def encode_batch(self, sources: Sequence[str], texts: Sequence[str]) -> dict[str, list[list[int]]]:
-        """``input_ids``, ``labels`` (empty: train on every token) and flat ``offsets`` (empty: none) per text."""
+    def encode_batch(
+        self, sources: Sequence[str], texts: Sequence[str], layouts: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, list[list[int]]]:
+        """``input_ids``, ``labels`` (empty: train on every token) and flat ``offsets`` (empty: none) per text.
+
+        A text with a non-empty layout (a repository document) is encoded piece by piece: its repository and
+        file tokens become their single ids, its code stays text."""
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "offsets": []}
-        plain = [i for i, s in enumerate(sources) if self.objectives[s] != "chat"]
+        laid_out = {i for i, layout in enumerate(layouts or []) if len(layout)}
+        plain = [i for i, s in enumerate(sources) if self.objectives[s] != "chat" and i not in laid_out]
         encoded = dict(
             zip(
                 plain,
@@ -73,6 +84,10 @@ class DocumentEncoder:
                 strict=True,
             )
         )
+        for i in laid_out:
+            assert layouts is not None
+            ids, spans = encode_pieces(self._plain, layout_pieces(texts[i], layouts[i]))
+            encoded[i] = _Encoded(ids, spans)
         for i, source in enumerate(sources):
             if i in encoded:
                 enc = encoded[i]
@@ -93,7 +108,13 @@ class DocumentEncoder:
         return out
 
     def pack_document(
-        self, source: str, doc_id: str, ordinal: int, text: str, encoded: dict[str, Any]
+        self,
+        source: str,
+        doc_id: str,
+        ordinal: int,
+        text: str,
+        encoded: dict[str, Any],
+        layout: Sequence[int] | None = None,
     ) -> PackDocument:
         """The packer's view of an encoded document (text only where FIM may use it).
 
@@ -110,7 +131,16 @@ class DocumentEncoder:
             labels=np.asarray(encoded["labels"]).tolist() if objective == "chat" else None,
             text=text if objective == "fim" else None,
             offsets=offsets,
+            layout=[int(v) for v in layout] if layout is not None and len(layout) else None,
         )
+
+
+@dataclass
+class _Encoded:
+    """A repository document's encoding, shaped like a ``tokenizers.Encoding`` for :meth:`encode_batch`."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
 
 
 # --- cache keys ----------------------------------------------------------------------------------------
@@ -124,6 +154,8 @@ def _config_of(obj: Any) -> Any:
 
 def _files_of(source: Any) -> list[tuple[str, int, int]] | None:
     """``(path, size, mtime_ns)`` of every file a source may read, or None for a remote dataset."""
+    if hasattr(source, "fingerprint"):  # e.g. GitRepos: the commits read
+        return source.fingerprint()
     if isinstance(source, CodeFiles):
         root = source.root
         names = source._candidates()  # the globbed file list, without reading any file
@@ -164,6 +196,7 @@ def corpus_key(
     objectives: dict[str, Objective],
     offsets: bool,
     chat_template: str,
+    repository: RepositoryAssembler | None = None,
 ) -> str:
     """Cache key of the tokenized corpus (see the module docstring for what goes in)."""
     description = {
@@ -175,6 +208,12 @@ def corpus_key(
         "objectives": objectives,
         "offsets": offsets,
         "chat_template": chat_template if "chat" in objectives.values() else None,
+        "repository": None
+        if repository is None
+        else {
+            "tokens": asdict(repository.tokens) if repository.tokens else None,
+            "budgets": repository.budgets,
+        },
     }
     blob = json.dumps(description, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
@@ -191,12 +230,15 @@ class CorpusReport:
     """Source name -> reason -> files or records skipped while reading."""
     curation: dict[str, Any]
     """The :class:`CurationReport` as a dict."""
+    hints: dict[str, list[str]] = field(default_factory=dict)
+    """Source name -> what to change to read what was skipped (e.g. ``set text_field: content``)."""
 
     def summary(self) -> str:
         lines = []
         for name, counts in self.skipped.items():
             shown = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing"
-            lines.append(f"source {name}: skipped {shown}")
+            hints = "".join(f"; {h}" for h in self.hints.get(name, []))
+            lines.append(f"source {name}: skipped {shown}{hints}")
         c = self.curation
         removed = ", ".join(f"{k}={v}" for k, v in sorted(c["removed"].items())) or "none"
         lines.append(
@@ -237,13 +279,17 @@ class TokenizedCorpus:
         base = repeat * REPEAT_STRIDE
         table = self.dataset.with_format("arrow")
         columns = ("doc_id", "text", "input_ids", "labels", "offsets")
+        laid_out = "layout" in self.dataset.column_names
         for first in range(0, len(indices), 64):
             batch = table[indices[first : first + 64]]
             doc_ids, texts = batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()
             lists = {c: batch.column(c) for c in columns[2:]}
+            layouts = batch.column("layout").to_pylist() if laid_out else [None] * batch.num_rows
             for k in range(batch.num_rows):
                 encoded = {c: lists[c][k].values.to_numpy() for c in columns[2:]}
-                yield self.encoder.pack_document(source, doc_ids[k], base + first + k, texts[k], encoded)
+                yield self.encoder.pack_document(
+                    source, doc_ids[k], base + first + k, texts[k], encoded, layouts[k]
+                )
 
     @classmethod
     def build_or_load(
@@ -268,11 +314,20 @@ class TokenizedCorpus:
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         return cls(dataset, encoder, CorpusReport(**meta["report"]), folder)
 
+    @property
+    def skipped_file(self) -> Path | None:
+        """The list of skipped files and records (``skipped.jsonl``) kept with the cached corpus."""
+        path = self.folder / SKIPPED_FILE
+        return path if path.is_file() else None
+
 
 def curated_documents(
     sources: Sequence[Any], curation: CurationConfig, split: Split
 ) -> tuple[Iterator[Document], CurationReport]:
-    """Every source's documents through one curation pass (lazy; the report fills in as it is consumed)."""
+    """Every source's documents through one curation pass (lazy; the report fills in as it is consumed).
+
+    Curation sees single files (dedup, decontamination and the split are per file); repository documents are
+    joined afterwards (:meth:`DocumentEncoder.repository`)."""
     return Curator(curation, split).run(chain.from_iterable(s.documents() for s in sources))
 
 
@@ -285,6 +340,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
             ("split", pa.string()),
             ("doc_id", pa.string()),
             ("text", pa.large_string()),
+            ("layout", pa.list_(pa.int32())),
         ]
     )
     written = 0
@@ -305,6 +361,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
             buffer["split"].append(doc.meta["split"])
             buffer["doc_id"].append(str(doc.doc_id))
             buffer["text"].append(doc.text)
+            buffer["layout"].append(list(doc.meta.get("layout") or []))
             written += 1
             if len(buffer["text"]) == batch:
                 flush()
@@ -314,7 +371,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
 
 
 def _tokenize(batch: dict[str, list], encoder: DocumentEncoder) -> dict[str, list]:
-    out = encoder.encode_batch(batch["source"], batch["text"])
+    out = encoder.encode_batch(batch["source"], batch["text"], batch["layout"])
     out["n_tokens"] = [len(ids) for ids in out["input_ids"]]
     return out
 
@@ -331,12 +388,17 @@ def _build(
 
     with atomic_folder(folder) as tmp:
         documents, report = curated_documents(sources, curation, split)
+        if encoder.repository is not None:
+            documents = encoder.repository.run(documents)
         n = _write_documents(documents, tmp / "documents.arrow")
-        skipped = {s.name: dict(getattr(s, "skipped", SkipReport()).counts) for s in sources}
+        reports = {s.name: getattr(s, "skipped", SkipReport()) for s in sources}
+        skipped = {name: dict(r.counts) for name, r in reports.items()}
+        hints = {name: list(r.hints) for name, r in reports.items() if r.hints}
+        write_skipped(tmp / SKIPPED_FILE, reports)
         if n == 0:
             raise ValueError(
                 "data: no documents left after curation; "
-                + CorpusReport(skipped, asdict(report)).summary().replace("\n", "; ")
+                + CorpusReport(skipped, asdict(report), hints).summary().replace("\n", "; ")
             )
         raw = datasets.Dataset.from_file(str(tmp / "documents.arrow"))
         seen = set(raw.unique("source"))
@@ -372,8 +434,27 @@ def _build(
         files = [os.path.basename(f["filename"]) for f in tokenized.cache_files]
         del raw, tokenized
         (tmp / "documents.arrow").unlink()
-        meta = {"files": files, "report": asdict(CorpusReport(skipped, asdict(report))), "documents": n}
+        meta = {
+            "files": files,
+            "report": asdict(CorpusReport(skipped, asdict(report), hints)),
+            "documents": n,
+        }
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
+
+
+SKIPPED_FILE = "skipped.jsonl"
+"""Every file or record the sources skipped, one JSON object a line: ``source``, ``reason``, ``where``."""
+
+
+def write_skipped(path: Path, reports: dict[str, SkipReport]) -> int:
+    """Write the skipped locations of every source to ``path``; returns how many lines were written."""
+    lines = [
+        json.dumps({"source": name, "reason": reason, "where": where})
+        for name, report in reports.items()
+        for reason, where in report.listed
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
 
 
 class _quiet_datasets:
@@ -408,26 +489,30 @@ def stream_documents(
     see every source first).
     """
     documents, _ = curator.run(source.documents(), side=split)
+    if encoder.repository is not None:
+        documents = encoder.repository.run(documents)
     base = repeat * REPEAT_STRIDE
     for ordinal, doc in enumerate(documents):
         if ordinal % num_shards != shard:
             continue
-        encoded = encoder.encode_batch([doc.source], [doc.text])
+        layout = doc.meta.get("layout") or []
+        encoded = encoder.encode_batch([doc.source], [doc.text], [layout])
         one = {k: v[0] for k, v in encoded.items()}
-        yield encoder.pack_document(doc.source, str(doc.doc_id), base + ordinal, doc.text, one)
+        yield encoder.pack_document(doc.source, str(doc.doc_id), base + ordinal, doc.text, one, layout)
 
 
 def default_objective(source: Any, fim_enabled: bool) -> Objective:
     """Chat for conversations, FIM for code trees when FIM is on, plain causal LM otherwise."""
     if isinstance(source, ChatFiles):
         return "chat"
-    if isinstance(source, CodeFiles) and fim_enabled:
+    if isinstance(source, (CodeFiles, GitRepos)) and fim_enabled:
         return "fim"
     return "causal"
 
 
 __all__ = [
     "REPEAT_STRIDE",
+    "SKIPPED_FILE",
     "CorpusReport",
     "DocumentEncoder",
     "Objective",

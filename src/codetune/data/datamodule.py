@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import warnings
 from dataclasses import asdict
 from typing import Any, Literal
@@ -39,8 +41,10 @@ from codetune.data.corpus import (
 )
 from codetune.data.curation import CurationConfig, Curator, Split
 from codetune.data.fim import FIMConfig, FIMTransform
+from codetune.data.git import GitRepos
 from codetune.data.mixing import MixConfig, check_weights
 from codetune.data.packing import RowSummary
+from codetune.data.repository import RepositoryAssembler, repo_tokens
 from codetune.data.rows import RowBuilder, RowStore
 from codetune.data.sources import (
     CodeFiles,
@@ -50,7 +54,7 @@ from codetune.data.sources import (
     _resolve_files,
     relative_note,
 )
-from codetune.data.tokenizer import TokenizerSpec, build_tokenizer
+from codetune.data.tokenizer import TokenizerSpec, backend_copy, build_tokenizer
 from codetune.seeding import run_seed
 from codetune.storage import cache_root
 
@@ -64,6 +68,47 @@ _LOCAL_SUFFIXES = {
     ChatFiles: (".jsonl", ".jsonl.gz"),
     ParquetFiles: (".parquet",),
 }
+
+
+def _recorded_path(source: Any) -> str:
+    """A source's location as the record keeps it: absolute when it is a local path, else as given."""
+    path = str(getattr(source, "path", ""))
+    if path.startswith("@") or "://" in path:
+        return path
+    local = os.path.expanduser(path)
+    return os.path.abspath(local) if os.path.exists(local) or isinstance(source, CodeFiles) else path
+
+
+def _warn_fim_not_applied(
+    sources: list[Any], given: dict[str, str] | None, resolved: dict[str, str], fim: FIMConfig | None
+) -> None:
+    """Say, before any data is read, which sources train without the module's FIM objective: only code trees
+    default to ``fim``; JSONL, Parquet and datasets could hold anything and need ``objectives`` to say so."""
+    if fim is None:
+        return
+    for source in sources:
+        if resolved[source.name] != "causal" or source.name in (given or {}):
+            continue
+        log.warning(
+            "data.sources[%s] (%s) trains plain causal LM, not FIM, although data.fim is set: only code trees "
+            "default to FIM; if it is code, set data.objectives: {%s: fim} (or {%s: causal} to silence this)",
+            source.name,
+            type(source).__name__,
+            source.name,
+            source.name,
+        )
+
+
+def no_validation_note(train_documents: int, val_fraction: float) -> str:
+    """The warning for a split that left no validation documents, with a ``val_fraction`` that holds some out."""
+    total = max(train_documents, 1)
+    # The split hashes each document, so a fraction f holds out about f * n: ask for about two (at most half).
+    suggested = min(0.5, math.ceil(200 / total) / 100)
+    return (
+        f"train {train_documents} documents, validation 0 (data.split.val_fraction={val_fraction}): this run has "
+        f"no validation loss; set data.split.val_fraction={suggested:g} to hold out about "
+        f"{max(1, round(suggested * train_documents))} (or add documents)"
+    )
 
 
 class _Rows(Dataset):
@@ -115,13 +160,25 @@ class _StreamRows:
                 )
 
 
+def repository_assembler(sources: list[Any], tokenizer: Any, seq_len: int) -> RepositoryAssembler | None:
+    """The joiner of repository documents for the git sources that ask for them (None when none does)."""
+    budgets = {
+        s.name: s.max_document_tokens or seq_len
+        for s in sources
+        if isinstance(s, GitRepos) and s.repository_documents
+    }
+    if not budgets:
+        return None
+    return RepositoryAssembler(backend_copy(tokenizer, text_only=True), repo_tokens(tokenizer), budgets)
+
+
 class CodeDataModule(L.LightningDataModule):
     """Packed fixed-length rows for causal LM, FIM and instruction training, mixed from several sources."""
 
     def __init__(
         self,
         tokenizer: TokenizerSpec,
-        sources: list[CodeFiles | JsonlFiles | ParquetFiles | HFDataset | ChatFiles],
+        sources: list[CodeFiles | GitRepos | JsonlFiles | ParquetFiles | HFDataset | ChatFiles],
         seq_len: int = 512,
         batch_size: int = 8,
         fim: FIMConfig | None = FIMConfig(),  # noqa: B008 (immutable in practice; jsonargparse shows it as the default)
@@ -140,6 +197,7 @@ class CodeDataModule(L.LightningDataModule):
         Args:
             tokenizer: The one tokenizer of the run; the model gets it from here.
             sources: Where documents come from: code trees (plain entries), or ``class_path`` entries for
+                ``codetune.data.git.GitRepos`` (git repositories, repository-level documents),
                 ``codetune.data.sources.JsonlFiles`` / ``ParquetFiles`` / ``HFDataset`` and
                 ``codetune.data.chat.ChatFiles`` (conversations). Names must be distinct.
             seq_len: Tokens per packed row.
@@ -147,7 +205,7 @@ class CodeDataModule(L.LightningDataModule):
             fim: Fill-in-the-middle for ``fim`` sources (Code Llama defaults); null turns FIM off. Its sentinels
                 are the tokenizer's (``tokenizer.sentinels``).
             objectives: Per source name: ``fim``, ``causal`` or ``chat``. Unnamed sources: ``chat`` for
-                ChatFiles, ``fim`` for code trees when ``fim`` is set, else ``causal``.
+                ChatFiles, ``fim`` for code trees and git repositories when ``fim`` is set, else ``causal``.
             mix: Token shares of the sources (weights must sum to 1). Null: each source once, in proportion.
             curation: Dedup, decontamination and redaction.
             split: Validation hold-out, made after dedup so no copy crosses it.
@@ -173,6 +231,7 @@ class CodeDataModule(L.LightningDataModule):
         self.objectives: dict[str, Objective] = {
             s.name: (objectives or {}).get(s.name) or default_objective(s, fim is not None) for s in sources
         }
+        _warn_fim_not_applied(sources, objectives, self.objectives, fim)
         self.mix = mix or MixConfig()
         self.split = split or Split()
         self.curation = curation or CurationConfig()
@@ -189,11 +248,13 @@ class CodeDataModule(L.LightningDataModule):
                 chat_template, self.tokenizer
             )  # an unknown name fails now, not after reading data
         self.fim_transform = FIMTransform(fim, self.tokenizer) if fim is not None else None
+        self.repository = repository_assembler(self.sources, self.tokenizer, seq_len)
         self.encoder = DocumentEncoder(
             self.tokenizer,
             self.objectives,
             offsets=fim is not None and fim.level == "context",
             chat_template=chat_template,
+            repository=self.repository,
         )
         self.corpus: TokenizedCorpus | None = None
         self.train_rows: RowStore | None = None
@@ -222,6 +283,14 @@ class CodeDataModule(L.LightningDataModule):
             raise ValueError(f"data.sources: names must be distinct, got {names}; set `name:` on each source")
         for source in sources:
             where = f"data.sources[{source.name}]"
+            if isinstance(source, GitRepos):
+                source.repositories()  # not a repository / no git: one line now, before any tokenizer is built
+                if source.repository_documents and fim is not None and fim.level == "context":
+                    raise ValueError(
+                        f"{where}: repository documents take document-level FIM (one file of each document is "
+                        "transformed, the others are its context); set data.fim.level: document, or "
+                        "repository_documents: false"
+                    )
             if isinstance(source, CodeFiles):
                 if not source.root.is_dir():
                     what = "does not exist" if not source.root.exists() else "is not a directory"
@@ -296,6 +365,7 @@ class CodeDataModule(L.LightningDataModule):
             self.objectives,
             self.encoder.offsets,
             self.chat_template,
+            self.repository,
         )
         corpus = TokenizedCorpus.build_or_load(
             self.sources, self.curation, self.split, self.encoder, key, self._cache, self.num_proc
@@ -323,6 +393,9 @@ class CodeDataModule(L.LightningDataModule):
         else:
             self.val_rows = []
         log.info("data:\n%s", "\n".join(self.summary_lines()))
+        splits = corpus.report.curation["splits"]
+        if splits["validation"] == 0:
+            log.warning("data: %s", no_validation_note(splits["train"], self.split.val_fraction))
 
     def _natural_weights(self, split: str) -> dict[str, float]:
         assert self.corpus is not None
@@ -384,6 +457,37 @@ class CodeDataModule(L.LightningDataModule):
         if self.train_rows is not None:
             lines.extend("train " + line for line in self.train_rows.summary.lines(self.objectives))
         return lines
+
+    def record(self) -> dict[str, Any]:
+        """What this data module resolved to, for the run's record (``fit_summary.json``) and the model card:
+        each source's class, location and objective, the FIM settings that were applied, curation as configured
+        and as it came out, and what was skipped."""
+        fim_used = "fim" in self.objectives.values()
+        record: dict[str, Any] = {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "sources": [
+                {
+                    "name": s.name,
+                    "class_path": f"{type(s).__module__}.{type(s).__qualname__}",
+                    "path": _recorded_path(s),
+                    "objective": self.objectives[s.name],
+                    **({"license": s.license} if getattr(s, "license", None) else {}),
+                }
+                for s in self.sources
+            ],
+            "fim": asdict(self.fim) if self.fim is not None and fim_used else None,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "curation": asdict(self.curation),
+            "split": asdict(self.split),
+            "streaming": self.streaming,
+        }
+        if self.corpus is not None:
+            report = self.corpus.report
+            record["curated"] = {k: report.curation[k] for k in ("seen", "removed", "splits")}
+            record["skipped"] = report.skipped
+            record["hints"] = report.hints
+        return record
 
     @property
     def train_summary(self) -> RowSummary | None:
