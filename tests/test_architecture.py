@@ -152,8 +152,8 @@ def test_every_private_lightning_api_codetune_uses_still_exists(name):
     for function in (
         "is_local_path",
         "load_distributed_checkpoint",
+        "evaluate_under_no_grad",
         "request_graceful_stop",
-        "set_num_threads",
     ):
         assert callable(getattr(private, function)), function
     for class_path, attributes in private.OVERRIDDEN.items():
