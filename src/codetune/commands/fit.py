@@ -72,6 +72,7 @@ class CodetuneCLI(LightningCLI):
         self.resumed_step: int | None = None
         """The step of the checkpoint this run resumed from (None: a new run)."""
         self._earlier_metrics: tuple[list[str], list[dict[str, str]]] | None = None
+        self._log_version: int | None = None  # the version folder a resumed run continues in
         self._argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
         try:
             self._init(args, run, **kwargs)
@@ -143,13 +144,16 @@ class CodetuneCLI(LightningCLI):
         model = config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model)
         check_optimizer_unchanged(raw, model, checkpoint)
         self.resumed_step = int(raw.get("global_step") or 0)
-        version = _version_folder(config.trainer, checkpoint)
+        version = _version_folder(config.trainer, checkpoint, self._default_logger)
         if version is None:
             return
         # The resumed run continues the interrupted one in its folder: one metrics.csv (rows past the checkpoint,
         # which this run trains again, dropped), config.yaml of this run, the earlier one kept beside it.
-        logger = config.trainer.logger
-        logger["init_args"] = {**_plain(logger.get("init_args") or {}), "version": int(version.name[8:])}
+        if self._default_logger:
+            self._log_version = int(version.name[8:])
+        else:
+            logger = config.trainer.logger
+            logger["init_args"] = {**_plain(logger.get("init_args") or {}), "version": int(version.name[8:])}
         earlier = version / "config.yaml"
         if earlier.is_file():
             shutil.copy2(earlier, version / f"config.until-step-{self.resumed_step}.yaml")
@@ -177,7 +181,7 @@ class CodetuneCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         if getattr(self, "_default_logger", False) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(self._log_root)
+            kwargs["logger"] = default_loggers(self._log_root, version=self._log_version)
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -249,12 +253,13 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
     return found
 
 
-def default_loggers(save_dir: str, tensorboard: bool | None = None) -> list[Any]:
+def default_loggers(save_dir: str, tensorboard: bool | None = None, version: int | None = None) -> list[Any]:
     """A CSV logger, and TensorBoard's (when installed) writing into the same version folder: one run, one
-    directory (``metrics.csv``, ``tensorboard/`` event files)."""
+    directory (``metrics.csv``, ``tensorboard/`` event files); ``version``: that folder (a resumed run's), else the
+    next free one."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    csv = CSVLogger(save_dir=save_dir)
+    csv = CSVLogger(save_dir=save_dir, version=version)
     if not (tensorboard_installed() if tensorboard is None else tensorboard):
         return [csv]
     return [
@@ -515,16 +520,17 @@ def _checkpoint_dirpath(callbacks: Any) -> str | None:
     return None
 
 
-def _version_folder(trainer: Any, checkpoint: Path) -> Path | None:
-    """The ``version_N`` folder the checkpoint was written in, when this recipe's logger would log beside it."""
+def _version_folder(trainer: Any, checkpoint: Path, default_logger: bool = False) -> Path | None:
+    """The ``version_N`` folder the checkpoint was written in, when this recipe's logger would log beside it
+    (``default_logger``: codetune's own CSV + TensorBoard loggers, which log under ``default_root_dir``)."""
     run = checkpoint.parent.parent
     if checkpoint.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run.name):
         return None
     logger = trainer.get("logger")
     class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
-    if not class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+    if not default_logger and not class_path.endswith(("CSVLogger", "TensorBoardLogger")):
         return None
-    init = logger.get("init_args") or {}
+    init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
     if init.get("version") is not None:
         return None  # the recipe chose its folder
     name = init.get("name") or "lightning_logs"
