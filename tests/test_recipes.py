@@ -135,3 +135,52 @@ def test_command_config_parses(config):
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(_command_of(config))
     parser.instantiate_classes(parser.parse_args(["--config", str(config)]))
+
+
+# Recipes whose base is a real family, and the fixture vocabulary of that family (see tests/vocabularies.py).
+FAMILY_RECIPES = {
+    "quickstart-starcoder2.yaml": ("llama.cpp:starcoder", "starcoder"),
+    "starcoder2-3b-fim-lora.yaml": ("llama.cpp:starcoder", "starcoder"),
+    "codellama-7b-fim-qlora.yaml": ("codellama-spm", "codellama-hf"),
+    "codellama-7b-instruct-rehearsal.yaml": ("codellama-spm", "codellama-hf"),
+    "codellama-7b-lcft-16k.yaml": ("codellama-spm", "codellama-hf"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_RECIPES))
+def test_a_family_recipes_data_side_on_its_real_vocabulary(request, name, tmp_path):
+    from codetune.data.chat import ChatEncoder
+    from codetune.data.tokenizer import SENTINEL_SETS, fim_sentinels
+    from tests.vocabularies import vocabulary
+
+    vocab, expected = FAMILY_RECIPES[name]
+    if vocab == "codellama-spm":
+        folder = request.getfixturevalue("codellama_spm")
+    else:
+        folder = vocabulary(vocab.removeprefix("llama.cpp:"))
+    recipe = REPO / "recipes" / name
+    cli = CodetuneCLI(
+        args=[
+            "--config",
+            str(recipe),
+            *generated_inputs_override(data_module_of(recipe), tmp_path),
+            f"--data.init_args.tokenizer.name_or_path={folder}",
+            *tiny_model_override(recipe),
+            *cpu_trainer_override(recipe),
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    tokenizer = cli.datamodule.tokenizer
+    assert fim_sentinels(tokenizer) == SENTINEL_SETS[expected]
+    from transformers import AutoTokenizer
+
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(folder))  # the family's own rows: none added
+    if any("ChatFiles" in str(s) for s in yaml.safe_load(recipe.read_text())["data"]["init_args"]["sources"]):
+        # The recipe's own template on SentencePiece: the ids are those of the rendered text (defect 1).
+        encoder = ChatEncoder(tokenizer, cli.datamodule.chat_template)
+        messages = [
+            {"role": "user", "content": "Write f."},
+            {"role": "assistant", "content": "def f():\n    pass"},
+        ]
+        assert encoder.encode(messages)[0] == tokenizer(encoder.render(messages))["input_ids"]
