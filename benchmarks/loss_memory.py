@@ -230,11 +230,24 @@ def main() -> None:
     shapes = [(256, 8, True)] if args.throughput else [(s, 1, False) for s in args.seq_lens]
     results = []
     for repeat in range(args.repeats):
-        order = args.impls if repeat % 2 == 0 else list(reversed(args.impls))  # interleaved: drift favours none
+        order = (
+            args.impls if repeat % 2 == 0 else list(reversed(args.impls))
+        )  # interleaved: drift favours none
         for seq_len, batch_size, short in shapes:
             for impl in order:
                 extra = ["--short"] if short else []
-                r = run(["--worker", impl, "--seq_len", str(seq_len), "--batch_size", str(batch_size), *common, *extra])
+                r = run(
+                    [
+                        "--worker",
+                        impl,
+                        "--seq_len",
+                        str(seq_len),
+                        "--batch_size",
+                        str(batch_size),
+                        *common,
+                        *extra,
+                    ]
+                )
                 r.update(impl=impl, seq_len=seq_len, repeat=repeat)
                 results.append(r)
                 print(json.dumps(r), flush=True)

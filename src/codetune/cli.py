@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 sys.argv = saved_argv
         else:
-            if command == "preview":  # jsonargparse keeps `--config` for itself; here it names the recipe
+            if command in (
+                "preview",
+                "plan",
+            ):  # jsonargparse keeps `--config` for itself; here it names the recipe
                 rest = [
                     "--recipe" + a[len("--config") :] if a.split("=")[0] == "--config" else a for a in rest
                 ]
