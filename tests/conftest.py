@@ -81,3 +81,20 @@ def quiet_trainer(root, **kwargs):
         default_root_dir=root,
     )
     return L.Trainer(**{**options, **kwargs})
+
+
+@pytest.fixture(scope="session")
+def git_repos(tmp_path_factory):
+    """Test git repositories (tests/repos.py), made once per session; read-only."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    from tests import repos
+
+    root = tmp_path_factory.mktemp("git-repos")
+    mixed, first = repos.mixed_repository(root)
+    made = {"mixed": mixed, "mixed_first": first, "package": repos.package_repository(root)}
+    made["json"] = repos.json_repository(root)
+    made.update(repos.bad_repositories(root / "bad"))
+    return made

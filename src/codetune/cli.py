@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             target = fn.get(rest[0]) if isinstance(fn, dict) and rest else fn
             if callable(target):
                 rest = bare_flags_as_true(target, rest)
+            if callable(target) and isinstance(fn, dict):
+                rest = [rest[0], *leading_positionals(target, rest[1:])]
             _print_result(CLI(fn, args=rest, as_positional=False, prog=f"codetune {command}"))
     except (ValueError, OSError) as err:
         # Bad input (a recipe value, a path, a data file) is reported in one line; the traceback helps only
@@ -97,6 +99,19 @@ def bare_flags_as_true(fn: Callable[..., Any], args: list[str]) -> list[str]:
         if arg in flags and (nxt is None or nxt.startswith("--")):
             out.append("true")
     return out
+
+
+def leading_positionals(fn: Callable[..., Any], args: list[str]) -> list[str]:
+    """Let ``codetune eval report A B`` stand for ``... report --runs+ A --runs+ B`` where ``fn.positional`` names a list
+    parameter: the bare arguments before the first option are its values."""
+    name = getattr(fn, "positional", None)
+    bare = 0
+    while bare < len(args) and not args[bare].startswith("-"):
+        bare += 1
+    if name is None or not bare:
+        return args
+    # `--runs+ VALUE` appends one item (jsonargparse), so a path holding a comma stays one path.
+    return [arg for value in args[:bare] for arg in (f"--{name}+", value)] + args[bare:]
 
 
 def root_cause(err: BaseException) -> str:

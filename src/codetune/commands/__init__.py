@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Export a checkpoint as a Hugging Face model folder with a model card; optionally push it to the Hub.",
     ),
     "eval": (
-        "codetune.commands.evaluate:TASKS",
-        "Evaluate a model: humaneval, infilling, retrieval, perplexity.",
+        "codetune.commands.evaluate:EVAL_COMMANDS",
+        "Evaluate a model (humaneval, infilling, mbpp, retrieval, perplexity) or compare runs' scores (report).",
     ),
     "infill": (
         "codetune.commands.infill:infill",

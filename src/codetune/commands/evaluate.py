@@ -20,6 +20,7 @@ from codetune.eval import humaneval as he
 from codetune.eval import infilling as inf
 from codetune.eval import mbpp
 from codetune.eval.perplexity import check_lengths, held_out_streams, perplexity_by_length
+from codetune.eval.report import comparison_table, read_scores, run_labels, scores_of
 from codetune.eval.retrieval import DEFAULT_POSITIONS, load_corpus, run_retrieval
 from codetune.eval.sandbox import Sandbox, SandboxLimits
 from codetune.storage import atomic_write
@@ -52,8 +53,18 @@ def run_task(
         **extra,
     }
     results.setdefault("seconds", time.monotonic() - started)
-    write_results(out_dir, name, results, records)
-    log.info("%s: %s on %d tasks", benchmark, scores, len(records))
+    path = write_results(out_dir, name, results, records)
+    for score in scores_of(results, path.name):
+        tasks = "" if score.num_tasks is None else f" on {score.num_tasks} tasks"
+        log.info(
+            "%s %s = %.4g%s of %s; %s",
+            benchmark,
+            score.metric,
+            score.value,
+            tasks,
+            score.task_set,
+            score.decoding,
+        )
     return results
 
 
@@ -467,6 +478,39 @@ def evaluate_perplexity(
     return run_task("perplexity", "perplexity", model, out_dir, settings, work)
 
 
+def eval_report(runs: list[str], out: str | None = None, overwrite: bool = False) -> str:
+    """A table of several runs' scores side by side (Markdown): one row per benchmark, task set, decoding and metric.
+
+    Args:
+        runs: Run directories, exported model folders or ``*_results.json`` files, one column each
+            (``codetune eval report RUN RUN ...``).
+        out: Also write the table to this Markdown file.
+        overwrite: Replace ``out`` if it exists.
+
+    Returns:
+        The table, one Markdown line per row.
+    """
+    if not runs:
+        raise ValueError("eval report: name at least one run directory or results file")
+    if out is not None and Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
+    columns = {label: read_scores(path) for label, path in run_labels(runs).items()}
+    empty = [label for label, scores in columns.items() if not scores]
+    if len(empty) == len(columns):
+        raise ValueError(
+            f"eval report: no *_results.json with scores under {', '.join(runs)}: run `codetune eval` first"
+        )
+    for label in empty:
+        log.warning("eval report: %s has no scores (no *_results.json below it)", label)
+    table = "\n".join(comparison_table(columns))
+    if out is not None:
+        atomic_write(Path(out), table + "\n")
+    return table
+
+
+eval_report.positional = "runs"  # `codetune eval report RUN RUN ...`: bare arguments are the runs
+
+
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
     "humaneval": evaluate_humaneval,
     "infilling": evaluate_infilling,
@@ -474,7 +518,10 @@ TASKS: dict[str, Callable[..., dict[str, Any]]] = {
     "retrieval": evaluate_retrieval,
     "perplexity": evaluate_perplexity,
 }
-"""``codetune eval`` sub-commands and ``codetune.evaluate`` tasks."""
+"""The measurements: ``codetune eval TASK`` and ``codetune.evaluate(TASK)``."""
+
+EVAL_COMMANDS: dict[str, Callable[..., Any]] = {**TASKS, "report": eval_report}
+"""``codetune eval`` sub-commands: the tasks, and ``report`` over their results."""
 
 
 def _sandbox(

@@ -29,7 +29,9 @@ import numpy as np
 
 from codetune.data.chat import ChatEncoder, ChatFiles
 from codetune.data.curation import CurationConfig, CurationReport, Curator, Side, Split
+from codetune.data.git import GitRepos
 from codetune.data.packing import PackDocument
+from codetune.data.repository import RepositoryAssembler, encode_pieces, layout_pieces
 from codetune.data.sources import CodeFiles, Document, SkipReport
 from codetune.data.tokenizer import added_bos, backend_copy
 from codetune.storage import atomic_folder
@@ -37,7 +39,7 @@ from codetune.storage import atomic_folder
 log = logging.getLogger(__name__)
 
 Objective = Literal["fim", "causal", "chat"]
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2  # 2: repository documents carry their layout
 REPEAT_STRIDE = 1 << 40
 """Pass ``k`` over a source numbers its documents from ``k * REPEAT_STRIDE``, so a repeated document gets a
 fresh FIM draw (draws are keyed by source and ordinal)."""
@@ -55,17 +57,26 @@ class DocumentEncoder:
         objectives: dict[str, Objective],
         offsets: bool,
         chat_template: str = "codetune",
+        repository: RepositoryAssembler | None = None,
     ) -> None:
         self.objectives = dict(objectives)
+        self.repository = repository
+        """Joins the files of repository sources into repository documents after curation (None: no such source)."""
         self.offsets = offsets
         self._plain = backend_copy(tokenizer, text_only=True)  # code is text: `<PRE>` in a file stays text
         self.bos_id = added_bos(tokenizer)
         self.chat = ChatEncoder(tokenizer, chat_template) if "chat" in self.objectives.values() else None
 
-    def encode_batch(self, sources: Sequence[str], texts: Sequence[str]) -> dict[str, list[list[int]]]:
-        """``input_ids``, ``labels`` (empty: train on every token) and flat ``offsets`` (empty: none) per text."""
+    def encode_batch(
+        self, sources: Sequence[str], texts: Sequence[str], layouts: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, list[list[int]]]:
+        """``input_ids``, ``labels`` (empty: train on every token) and flat ``offsets`` (empty: none) per text.
+
+        A text with a non-empty layout (a repository document) is encoded piece by piece: its repository and
+        file tokens become their single ids, its code stays text."""
         out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "offsets": []}
-        plain = [i for i, s in enumerate(sources) if self.objectives[s] != "chat"]
+        laid_out = {i for i, layout in enumerate(layouts or []) if len(layout)}
+        plain = [i for i, s in enumerate(sources) if self.objectives[s] != "chat" and i not in laid_out]
         encoded = dict(
             zip(
                 plain,
@@ -73,6 +84,10 @@ class DocumentEncoder:
                 strict=True,
             )
         )
+        for i in laid_out:
+            assert layouts is not None
+            ids, spans = encode_pieces(self._plain, layout_pieces(texts[i], layouts[i]))
+            encoded[i] = _Encoded(ids, spans)
         for i, source in enumerate(sources):
             if i in encoded:
                 enc = encoded[i]
@@ -93,7 +108,13 @@ class DocumentEncoder:
         return out
 
     def pack_document(
-        self, source: str, doc_id: str, ordinal: int, text: str, encoded: dict[str, Any]
+        self,
+        source: str,
+        doc_id: str,
+        ordinal: int,
+        text: str,
+        encoded: dict[str, Any],
+        layout: Sequence[int] | None = None,
     ) -> PackDocument:
         """The packer's view of an encoded document (text only where FIM may use it).
 
@@ -110,7 +131,16 @@ class DocumentEncoder:
             labels=np.asarray(encoded["labels"]).tolist() if objective == "chat" else None,
             text=text if objective == "fim" else None,
             offsets=offsets,
+            layout=[int(v) for v in layout] if layout is not None and len(layout) else None,
         )
+
+
+@dataclass
+class _Encoded:
+    """A repository document's encoding, shaped like a ``tokenizers.Encoding`` for :meth:`encode_batch`."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
 
 
 # --- cache keys ----------------------------------------------------------------------------------------
@@ -124,6 +154,8 @@ def _config_of(obj: Any) -> Any:
 
 def _files_of(source: Any) -> list[tuple[str, int, int]] | None:
     """``(path, size, mtime_ns)`` of every file a source may read, or None for a remote dataset."""
+    if hasattr(source, "fingerprint"):  # e.g. GitRepos: the commits read
+        return source.fingerprint()
     if isinstance(source, CodeFiles):
         root = source.root
         names = source._candidates()  # the globbed file list, without reading any file
@@ -164,6 +196,7 @@ def corpus_key(
     objectives: dict[str, Objective],
     offsets: bool,
     chat_template: str,
+    repository: RepositoryAssembler | None = None,
 ) -> str:
     """Cache key of the tokenized corpus (see the module docstring for what goes in)."""
     description = {
@@ -175,6 +208,12 @@ def corpus_key(
         "objectives": objectives,
         "offsets": offsets,
         "chat_template": chat_template if "chat" in objectives.values() else None,
+        "repository": None
+        if repository is None
+        else {
+            "tokens": asdict(repository.tokens) if repository.tokens else None,
+            "budgets": repository.budgets,
+        },
     }
     blob = json.dumps(description, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
@@ -237,13 +276,17 @@ class TokenizedCorpus:
         base = repeat * REPEAT_STRIDE
         table = self.dataset.with_format("arrow")
         columns = ("doc_id", "text", "input_ids", "labels", "offsets")
+        laid_out = "layout" in self.dataset.column_names
         for first in range(0, len(indices), 64):
             batch = table[indices[first : first + 64]]
             doc_ids, texts = batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()
             lists = {c: batch.column(c) for c in columns[2:]}
+            layouts = batch.column("layout").to_pylist() if laid_out else [None] * batch.num_rows
             for k in range(batch.num_rows):
                 encoded = {c: lists[c][k].values.to_numpy() for c in columns[2:]}
-                yield self.encoder.pack_document(source, doc_ids[k], base + first + k, texts[k], encoded)
+                yield self.encoder.pack_document(
+                    source, doc_ids[k], base + first + k, texts[k], encoded, layouts[k]
+                )
 
     @classmethod
     def build_or_load(
@@ -272,7 +315,10 @@ class TokenizedCorpus:
 def curated_documents(
     sources: Sequence[Any], curation: CurationConfig, split: Split
 ) -> tuple[Iterator[Document], CurationReport]:
-    """Every source's documents through one curation pass (lazy; the report fills in as it is consumed)."""
+    """Every source's documents through one curation pass (lazy; the report fills in as it is consumed).
+
+    Curation sees single files (dedup, decontamination and the split are per file); repository documents are
+    joined afterwards (:meth:`DocumentEncoder.repository`)."""
     return Curator(curation, split).run(chain.from_iterable(s.documents() for s in sources))
 
 
@@ -285,6 +331,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
             ("split", pa.string()),
             ("doc_id", pa.string()),
             ("text", pa.large_string()),
+            ("layout", pa.list_(pa.int32())),
         ]
     )
     written = 0
@@ -305,6 +352,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
             buffer["split"].append(doc.meta["split"])
             buffer["doc_id"].append(str(doc.doc_id))
             buffer["text"].append(doc.text)
+            buffer["layout"].append(list(doc.meta.get("layout") or []))
             written += 1
             if len(buffer["text"]) == batch:
                 flush()
@@ -314,7 +362,7 @@ def _write_documents(documents: Iterable[Document], path: Path, batch: int = 512
 
 
 def _tokenize(batch: dict[str, list], encoder: DocumentEncoder) -> dict[str, list]:
-    out = encoder.encode_batch(batch["source"], batch["text"])
+    out = encoder.encode_batch(batch["source"], batch["text"], batch["layout"])
     out["n_tokens"] = [len(ids) for ids in out["input_ids"]]
     return out
 
@@ -331,6 +379,8 @@ def _build(
 
     with atomic_folder(folder) as tmp:
         documents, report = curated_documents(sources, curation, split)
+        if encoder.repository is not None:
+            documents = encoder.repository.run(documents)
         n = _write_documents(documents, tmp / "documents.arrow")
         skipped = {s.name: dict(getattr(s, "skipped", SkipReport()).counts) for s in sources}
         if n == 0:
@@ -408,20 +458,23 @@ def stream_documents(
     see every source first).
     """
     documents, _ = curator.run(source.documents(), side=split)
+    if encoder.repository is not None:
+        documents = encoder.repository.run(documents)
     base = repeat * REPEAT_STRIDE
     for ordinal, doc in enumerate(documents):
         if ordinal % num_shards != shard:
             continue
-        encoded = encoder.encode_batch([doc.source], [doc.text])
+        layout = doc.meta.get("layout") or []
+        encoded = encoder.encode_batch([doc.source], [doc.text], [layout])
         one = {k: v[0] for k, v in encoded.items()}
-        yield encoder.pack_document(doc.source, str(doc.doc_id), base + ordinal, doc.text, one)
+        yield encoder.pack_document(doc.source, str(doc.doc_id), base + ordinal, doc.text, one, layout)
 
 
 def default_objective(source: Any, fim_enabled: bool) -> Objective:
     """Chat for conversations, FIM for code trees when FIM is on, plain causal LM otherwise."""
     if isinstance(source, ChatFiles):
         return "chat"
-    if isinstance(source, CodeFiles) and fim_enabled:
+    if isinstance(source, (CodeFiles, GitRepos)) and fim_enabled:
         return "fim"
     return "causal"
 

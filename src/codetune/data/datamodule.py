@@ -39,8 +39,10 @@ from codetune.data.corpus import (
 )
 from codetune.data.curation import CurationConfig, Curator, Split
 from codetune.data.fim import FIMConfig, FIMTransform
+from codetune.data.git import GitRepos
 from codetune.data.mixing import MixConfig, check_weights
 from codetune.data.packing import RowSummary
+from codetune.data.repository import RepositoryAssembler, repo_tokens
 from codetune.data.rows import RowBuilder, RowStore
 from codetune.data.sources import (
     CodeFiles,
@@ -50,7 +52,7 @@ from codetune.data.sources import (
     _resolve_files,
     relative_note,
 )
-from codetune.data.tokenizer import TokenizerSpec, build_tokenizer
+from codetune.data.tokenizer import TokenizerSpec, backend_copy, build_tokenizer
 from codetune.seeding import run_seed
 from codetune.storage import cache_root
 
@@ -115,13 +117,25 @@ class _StreamRows:
                 )
 
 
+def repository_assembler(sources: list[Any], tokenizer: Any, seq_len: int) -> RepositoryAssembler | None:
+    """The joiner of repository documents for the git sources that ask for them (None when none does)."""
+    budgets = {
+        s.name: s.max_document_tokens or seq_len
+        for s in sources
+        if isinstance(s, GitRepos) and s.repository_documents
+    }
+    if not budgets:
+        return None
+    return RepositoryAssembler(backend_copy(tokenizer, text_only=True), repo_tokens(tokenizer), budgets)
+
+
 class CodeDataModule(L.LightningDataModule):
     """Packed fixed-length rows for causal LM, FIM and instruction training, mixed from several sources."""
 
     def __init__(
         self,
         tokenizer: TokenizerSpec,
-        sources: list[CodeFiles | JsonlFiles | ParquetFiles | HFDataset | ChatFiles],
+        sources: list[CodeFiles | GitRepos | JsonlFiles | ParquetFiles | HFDataset | ChatFiles],
         seq_len: int = 512,
         batch_size: int = 8,
         fim: FIMConfig | None = FIMConfig(),  # noqa: B008 (immutable in practice; jsonargparse shows it as the default)
@@ -140,6 +154,7 @@ class CodeDataModule(L.LightningDataModule):
         Args:
             tokenizer: The one tokenizer of the run; the model gets it from here.
             sources: Where documents come from: code trees (plain entries), or ``class_path`` entries for
+                ``codetune.data.git.GitRepos`` (git repositories, repository-level documents),
                 ``codetune.data.sources.JsonlFiles`` / ``ParquetFiles`` / ``HFDataset`` and
                 ``codetune.data.chat.ChatFiles`` (conversations). Names must be distinct.
             seq_len: Tokens per packed row.
@@ -147,7 +162,7 @@ class CodeDataModule(L.LightningDataModule):
             fim: Fill-in-the-middle for ``fim`` sources (Code Llama defaults); null turns FIM off. Its sentinels
                 are the tokenizer's (``tokenizer.sentinels``).
             objectives: Per source name: ``fim``, ``causal`` or ``chat``. Unnamed sources: ``chat`` for
-                ChatFiles, ``fim`` for code trees when ``fim`` is set, else ``causal``.
+                ChatFiles, ``fim`` for code trees and git repositories when ``fim`` is set, else ``causal``.
             mix: Token shares of the sources (weights must sum to 1). Null: each source once, in proportion.
             curation: Dedup, decontamination and redaction.
             split: Validation hold-out, made after dedup so no copy crosses it.
@@ -189,11 +204,13 @@ class CodeDataModule(L.LightningDataModule):
                 chat_template, self.tokenizer
             )  # an unknown name fails now, not after reading data
         self.fim_transform = FIMTransform(fim, self.tokenizer) if fim is not None else None
+        self.repository = repository_assembler(self.sources, self.tokenizer, seq_len)
         self.encoder = DocumentEncoder(
             self.tokenizer,
             self.objectives,
             offsets=fim is not None and fim.level == "context",
             chat_template=chat_template,
+            repository=self.repository,
         )
         self.corpus: TokenizedCorpus | None = None
         self.train_rows: RowStore | None = None
@@ -222,6 +239,14 @@ class CodeDataModule(L.LightningDataModule):
             raise ValueError(f"data.sources: names must be distinct, got {names}; set `name:` on each source")
         for source in sources:
             where = f"data.sources[{source.name}]"
+            if isinstance(source, GitRepos):
+                source.repositories()  # not a repository / no git: one line now, before any tokenizer is built
+                if source.repository_documents and fim is not None and fim.level == "context":
+                    raise ValueError(
+                        f"{where}: repository documents take document-level FIM (one file of each document is "
+                        "transformed, the others are its context); set data.fim.level: document, or "
+                        "repository_documents: false"
+                    )
             if isinstance(source, CodeFiles):
                 if not source.root.is_dir():
                     what = "does not exist" if not source.root.exists() else "is not a directory"
@@ -296,6 +321,7 @@ class CodeDataModule(L.LightningDataModule):
             self.objectives,
             self.encoder.offsets,
             self.chat_template,
+            self.repository,
         )
         corpus = TokenizedCorpus.build_or_load(
             self.sources, self.curation, self.split, self.encoder, key, self._cache, self.num_proc

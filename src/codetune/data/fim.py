@@ -24,6 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from codetune.data.git import language_of
+from codetune.data.repository import (
+    BODY,
+    Piece,
+    RepoTokens,
+    encode_pieces,
+    file_pieces,
+    header_pieces,
+    layout_pieces,
+    start_pieces,
+)
 from codetune.data.tokenizer import (
     DEFAULT_SENTINELS,
     FIMSentinels,
@@ -34,6 +45,11 @@ from codetune.data.tokenizer import (
 )
 
 FIMMode = Literal["psm", "spm"]
+
+
+def _marker(path: str) -> str:
+    return language_of(path)[1]
+
 
 # A character no BPE merge touches: prepended before encoding text that continues a line, then dropped,
 # so SentencePiece-style tokenizers do not add their dummy leading space (Code Llama's `encode_infilling`
@@ -121,6 +137,12 @@ def draw(config: FIMConfig, source: str, ordinal: int, chunk: int | None = None)
     if u[0] < config.fim_rate * _TWO_64:
         mode = "spm" if u[1] < config.spm_rate * _TWO_64 else "psm"
     return FIMDraw(mode=mode, cut_a=u[2], cut_b=u[3], window=u[4])
+
+
+def draw_file(config: FIMConfig, source: str, ordinal: int, files: int) -> int:
+    """Which of a repository document's ``files`` repository-level FIM transforms (uniform, stable like :func:`draw`)."""
+    key = json.dumps([config.seed, source, ordinal, "file"], separators=(",", ":")).encode()
+    return (int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") * files) >> 64
 
 
 def format_fim_text(split: FIMSplit, sentinels: str | FIMSentinels = "codellama") -> str:
@@ -266,6 +288,79 @@ class FIMTransform:
             middle_mask=[False] * len(context) + [True] * len(middle),
             mode=split.mode,
         )
+
+    def encode_repository(
+        self, text: str, layout: Sequence[int], fim_draw: FIMDraw, source: str, ordinal: int
+    ) -> FIMEncoded:
+        """Repository-level FIM: one file of a repository document (drawn by :func:`draw_file`) is split and laid
+        out with the sentinels; the files before it, its header and the files after it stay as they are::
+
+            <repo_name>name <file_sep>a.py\n code_a <file_sep>b.py\n <PRE> prefix <SUF> suffix <MID> middle <EOT>
+            <file_sep>c.py\n code_c
+
+        (PSM shown; SPM as in :meth:`encode_split`). Only the middle and the end sentinel are the infilling target.
+        """
+        pieces = layout_pieces(text, layout)
+        bodies = [i for i, (kind, _) in enumerate(pieces) if kind == BODY]
+        if not bodies:
+            return self.encode_split(self.split(text, fim_draw))
+        chosen = bodies[draw_file(self.config, source, ordinal, len(bodies))]
+        before, _ = encode_pieces(self._tok, pieces[:chosen])
+        after, _ = encode_pieces(self._tok, pieces[chosen + 1 :])
+        enc = self.encode_split(self.split(pieces[chosen][1], fim_draw))
+        head = [] if self.bos_id is None else [self.bos_id]
+        body = enc.input_ids[len(head) :]
+        return FIMEncoded(
+            input_ids=[*head, *before, *body, *after],
+            middle_mask=[False] * (len(head) + len(before))
+            + enc.middle_mask[len(head) :]
+            + [False] * len(after),
+            mode=enc.mode,
+        )
+
+    def repository_prompt_pieces(
+        self, repo: str, context: Sequence[tuple[str, str]], path: str, tokens: RepoTokens | None
+    ) -> list[Piece]:
+        """What comes before ``<PRE>`` in a repository-level infill prompt: the context files (``(path, code)``,
+        in the order given: dependencies first) and the header of the file being edited."""
+        pieces = start_pieces(repo, tokens)
+        for context_path, code in context:
+            pieces += file_pieces(repo, context_path, code, tokens, _marker(context_path))
+        return pieces + header_pieces(repo, path, tokens, _marker(path))
+
+    def encode_repository_infill_prompt(
+        self,
+        prefix: str,
+        suffix: str,
+        mode: FIMMode,
+        repo: str,
+        context: Sequence[tuple[str, str]],
+        path: str,
+        tokens: RepoTokens | None,
+    ) -> list[int]:
+        """Token ids of a repository-level infill prompt, laid out as :meth:`encode_repository` trains it."""
+        before, _ = encode_pieces(self._tok, self.repository_prompt_pieces(repo, context, path, tokens))
+        ids = self.encode_infill_prompt(prefix, suffix, mode)
+        head = 0 if self.bos_id is None else 1
+        return [*ids[:head], *before, *ids[head:]]
+
+    def unpermute_repository_ids(self, ids: Sequence[int], eos_id: int | None = None) -> str:
+        """Recover a repository document's text from its repository-level FIM ids (inverse of
+        :meth:`encode_repository`)."""
+        ids = list(ids)
+        if ids and self.bos_id is not None and ids[0] == self.bos_id:
+            ids = ids[1:]
+        try:
+            start = ids.index(self.prefix_id)
+            middle = ids.index(self.middle_id, start)
+            end = ids.index(self.end_id, middle)
+        except ValueError:
+            raise ValueError("not a repository FIM document: a FIM sentinel is missing") from None
+        after = ids[end + 1 :]
+        if eos_id is not None and after and after[-1] == eos_id:  # the packer's end-of-text
+            after = after[:-1]
+        before = self._decode(ids[:start], continuation=False)
+        return before + self.unpermute_ids(ids[start : end + 1]) + self._decode(after, continuation=False)
 
     def draw(self, source: str, ordinal: int, chunk: int | None = None) -> FIMDraw:
         return draw(self.config, source, ordinal, chunk)

@@ -51,6 +51,9 @@ class PackDocument:
     offsets: list[tuple[int, int]] | None = None
     """Character span of each input id in ``text``; required for context-level FIM, which cuts between
     characters."""
+    layout: list[int] | None = None
+    """A repository document's pieces (:mod:`codetune.data.repository`): FIM then transforms one of its files
+    and keeps the others as context."""
 
 
 @dataclass
@@ -327,9 +330,12 @@ class Packer:
         cur.pos = end
         cur.chunk += 1
 
-    def _encode_fim(self, text: str, d: FIMDraw, final: bool) -> FIMEncoded:
+    def _encode_fim(self, text: str, d: FIMDraw, final: bool, doc: PackDocument | None = None) -> FIMEncoded:
         assert self.fim is not None
-        enc = self.fim.encode_split(self.fim.split(text, d))
+        if doc is not None and doc.layout:
+            enc = self.fim.encode_repository(text, doc.layout, d, doc.source, doc.ordinal)
+        else:
+            enc = self.fim.encode_split(self.fim.split(text, d))
         if final and enc.input_ids[-1] != self.eos_id:  # StarCoder's end sentinel is end-of-text already
             enc.input_ids.append(self.eos_id)
             enc.middle_mask.append(False)
@@ -342,7 +348,7 @@ class Packer:
             assert self.fim is not None and cur.doc.text is not None
             d = self.fim.draw(cur.doc.source, cur.doc.ordinal)
             if d.mode is not None:
-                enc = self._encode_fim(cur.doc.text, d, final=True)
+                enc = self._encode_fim(cur.doc.text, d, final=True, doc=cur.doc)
                 if len(enc.input_ids) <= space:
                     self._add_fim(cur, enc, len(cur.ids), row)
                     return

@@ -20,6 +20,7 @@ import yaml
 from codetune.checkpoints.format import TrainedCheckpoint
 from codetune.data.fim import format_infill_prompt
 from codetune.data.tokenizer import FIMSentinels, fim_sentinels
+from codetune.eval.report import scores_of
 from codetune.exports.secrets import known_secrets, redact_text, strip_secrets
 from codetune.model.build import ModelSpec
 
@@ -446,18 +447,15 @@ def _eval_section(facts: CardFacts) -> list[str]:
         ]
     rows = []
     for result in facts.eval_results:
-        name = result.get("benchmark") or Path(result["file"]).stem
-        scores = result.get("scores") if isinstance(result.get("scores"), dict) else result
-        details = [f"{result['num_tasks']} tasks"] if "num_tasks" in result else []
-        details += _scored_checkpoint(result)
+        notes = _scored_checkpoint(result)
         if isinstance(result.get("sandbox"), dict) and result["sandbox"].get("confined") is False:
-            details.append("UNSAFE: generated code ran without the sandbox (--unsafe_no_sandbox)")
-        for metric, value in scores.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and metric != "seed":
-                rows.append(
-                    (str(name), str(metric), f"{value:.4g}", "; ".join(details), f"`{result['file']}`")
-                )
-    return ["## Evaluation", "", *_table(("benchmark", "metric", "value", "", "file"), rows), ""]
+            notes.append("UNSAFE: generated code ran without the sandbox (--unsafe_no_sandbox)")
+        for score in scores_of(result, result["file"]):
+            tasks = "" if score.num_tasks is None else str(score.num_tasks)
+            row = (score.benchmark, score.metric, f"{score.value:.4g}", score.task_set, tasks, score.decoding)
+            rows.append((*row, "; ".join(notes), f"`{score.file}`"))
+    header = ("benchmark", "metric", "value", "task set", "tasks", "decoding", "", "file")
+    return ["## Evaluation", "", *_table(header, rows), ""]
 
 
 def _scored_checkpoint(result: dict[str, Any]) -> list[str]:

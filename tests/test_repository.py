@@ -1,0 +1,149 @@
+"""Repository-level documents: dependency order, the base's repository tokens, repository-level FIM round trips."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from codetune.data.fim import FIMConfig, FIMTransform, draw
+from codetune.data.repository import (
+    BODY,
+    TOKEN,
+    RepositoryAssembler,
+    dependency_order,
+    encode_pieces,
+    import_graph,
+    layout_pieces,
+    repo_tokens,
+)
+from codetune.data.sources import Document
+from codetune.data.tokenizer import TokenizerSpec, backend_copy, build_tokenizer
+from tests import repos
+from tests.vocabularies import vocabulary
+
+
+def _files(texts: dict[str, str], repo: str = "pkgrepo", split: str = "train") -> list[Document]:
+    return [
+        Document(t, f"{repo}/{p}", "repo", {"repo": repo, "path": p, "split": split})
+        for p, t in sorted(texts.items())
+    ]
+
+
+@pytest.fixture(scope="module")
+def starcoder2():
+    return build_tokenizer(TokenizerSpec(name_or_path=str(vocabulary("starcoder"))))
+
+
+def _check_order(texts: dict[str, str], order: list[str], root_package: str | None = None) -> None:
+    graph = import_graph(texts, root_package)
+    position = {p: i for i, p in enumerate(order)}
+    assert sorted(order) == sorted(texts)
+    for path, deps in graph.items():
+        for dep in deps:
+            if path not in graph[dep]:  # outside a two-file cycle, the dependency comes first
+                assert position[dep] < position[path], (dep, path)
+
+
+def test_every_file_comes_after_the_files_it_imports_and_the_order_is_stable():
+    order = dependency_order(repos.PACKAGE)
+    _check_order(repos.PACKAGE, order)
+    assert order.index("pkg/core/base.py") < order.index("pkg/models.py") < order.index("pkg/views.py")
+    assert order.index("pkg/views.py") < order.index("pkg/app.py") < order.index("pkg/__init__.py")
+    # The cycle a <-> b is broken in path order; c, which imports b, follows both.
+    assert order.index("pkg/a.py") + 1 == order.index("pkg/b.py") < order.index("pkg/c.py")
+    shuffled = list(repos.PACKAGE.items())
+    random.Random(0).shuffle(shuffled)
+    assert dependency_order(dict(shuffled)) == order
+    # Files with no imports between them (and other languages) keep path order.
+    assert order[0] == "docs/index.md" and order[-1] == "tools/run.sh"
+
+
+def test_the_json_package_in_dependency_order():
+    texts = {n: (repos.STDLIB / "json" / n).read_text() for n in repos.JSON_FILES}
+    order = dependency_order(texts, "json")
+    _check_order(texts, order, "json")
+    assert (
+        order.index("scanner.py")
+        < order.index("decoder.py")
+        < order.index("__init__.py")
+        < order.index("tool.py")
+    )
+
+
+def test_plain_headers_without_repository_tokens(tokenizer):
+    assert repo_tokens(tokenizer) is None
+    assembler = RepositoryAssembler(backend_copy(tokenizer, text_only=True), None, {"repo": 10_000})
+    (doc,) = assembler.run(_files(repos.PACKAGE))
+    order = dependency_order(repos.PACKAGE, "pkgrepo")
+    expected = "".join(
+        f"# pkgrepo/{p}\n" + repos.PACKAGE[p] + ("" if repos.PACKAGE[p].endswith("\n") else "\n")
+        for p in order
+    )
+    assert doc.text == expected
+    assert doc.meta["files"] == order
+    pieces = layout_pieces(doc.text, doc.meta["layout"])
+    assert "".join(p for _, p in pieces) == doc.text
+    assert [p for k, p in pieces if k == BODY] == [repos.PACKAGE[p] for p in order if repos.PACKAGE[p]]
+    assert doc.text.startswith("# pkgrepo/docs/index.md\n# pkg\n# pkgrepo/pkg/a.py\n")
+
+
+def test_a_token_budget_splits_a_repository_and_sides_never_mix(tokenizer):
+    assembler = RepositoryAssembler(backend_copy(tokenizer, text_only=True), None, {"repo": 40})
+    train = {p: t for p, t in repos.PACKAGE.items() if p != "pkg/views.py"}
+    docs = list(
+        assembler.run(
+            [*_files(train), *_files({"pkg/views.py": repos.PACKAGE["pkg/views.py"]}, split="validation")]
+        )
+    )
+    assert len([d for d in docs if d.meta["split"] == "train"]) > 1
+    (held_out,) = [d for d in docs if d.meta["split"] == "validation"]
+    assert held_out.meta["files"] == ["pkg/views.py"]
+    files = [f for d in docs if d.meta["split"] == "train" for f in d.meta["files"]]
+    assert files == dependency_order(train, "pkgrepo")  # chunks keep the order, each file once
+    for d in docs:
+        ids, _ = encode_pieces(assembler.tokenizer, layout_pieces(d.text, d.meta["layout"]))
+        assert len(d.meta["files"]) == 1 or len(ids) + 2 <= 40
+
+
+def test_starcoder2_repository_tokens_are_single_tokens(starcoder2):
+    tokens = repo_tokens(starcoder2)
+    assert (tokens.repo_name, tokens.file_sep) == ("<repo_name>", "<file_sep>")
+    vocab = starcoder2.get_vocab()
+    texts = {"a.py": "x = '<file_sep>'\n", "b.py": "from a import x\n"}
+    assembler = RepositoryAssembler(backend_copy(starcoder2, text_only=True), tokens, {"repo": 1000})
+    (doc,) = assembler.run(_files(texts, repo="r"))
+    assert doc.text == "<repo_name>r<file_sep>a.py\nx = '<file_sep>'\n<file_sep>b.py\nfrom a import x\n"
+    ids, offsets = encode_pieces(assembler.tokenizer, layout_pieces(doc.text, doc.meta["layout"]))
+    # The repository and file tokens are their single ids; the literal `<file_sep>` in the code stays text.
+    assert ids[0] == vocab["<repo_name>"] and ids.count(vocab["<file_sep>"]) == 2
+    assert starcoder2.decode(ids) == doc.text
+    assert [k for k, _ in layout_pieces(doc.text, doc.meta["layout"])].count(TOKEN) == 3
+    assert offsets[-1][1] == len(doc.text)
+
+
+@pytest.mark.parametrize("vocab", ["trained", "starcoder2"])
+def test_repository_fim_unpermutes_to_the_files_with_their_headers(vocab, tokenizer, request):
+    tok = tokenizer if vocab == "trained" else request.getfixturevalue("starcoder2")
+    tokens = repo_tokens(tok)
+    assembler = RepositoryAssembler(backend_copy(tok, text_only=True), tokens, {"repo": 10_000})
+    (doc,) = assembler.run(_files(repos.PACKAGE))
+    fim = FIMTransform(FIMConfig(fim_rate=1.0, spm_rate=0.5), tok)
+    pieces = layout_pieces(doc.text, doc.meta["layout"])
+    chosen_files, modes = set(), set()
+    for ordinal in range(12):
+        d = draw(fim.config, "repo", ordinal)
+        enc = fim.encode_repository(doc.text, doc.meta["layout"], d, "repo", ordinal)
+        ids = [*enc.input_ids, tok.eos_token_id]
+        assert fim.unpermute_repository_ids(ids, tok.eos_token_id) == doc.text
+        # Exactly one file is permuted: the ids before <PRE> are the untouched context files and header.
+        start = enc.input_ids.index(fim.prefix_id)
+        context = tok.decode(enc.input_ids[:start])
+        assert doc.text.startswith(context) and context.endswith("\n")
+        chosen_files.add(context.count("\n# pkgrepo/" if tokens is None else "<file_sep>"))
+        middle = [i for i, m in zip(enc.input_ids, enc.middle_mask, strict=True) if m]
+        assert middle[-1] == fim.end_id and enc.input_ids.count(fim.prefix_id) == 1
+        modes.add(enc.mode)
+    assert len(chosen_files) > 3 and modes == {"psm", "spm"}
+    body_texts = [p for k, p in pieces if k == BODY]
+    assert len(body_texts) == 10
