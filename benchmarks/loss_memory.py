@@ -72,7 +72,6 @@ def loss_fn(impl: str, module, cce_path: str | None):
     import torch
 
     from codetune.data.batch import IGNORE_INDEX
-    from codetune.modules.loss import chunked_token_losses
 
     if impl in ("full", "chunked"):
 

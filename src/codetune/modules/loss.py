@@ -168,20 +168,24 @@ def chunked_token_losses(
 
     handle = head.register_forward_pre_hook(before_head)
     try:
-        model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)
+        empty = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False).logits
     finally:
         handle.remove()
     if "total" not in found:
         raise RuntimeError(
             "the model's forward never called its output layer; set model.loss_chunk_tokens: 0"
         )
+    # The loss must hang off the model's output: FSDP2 starts its backward bookkeeping (and queues the root's
+    # gradient reduction) from hooks on the forward's outputs, which the loss computed in the hook bypasses.
+    # The output holds no positions, so this adds an exact zero.
+    total = found["total"] + empty.sum() * 0.0 if empty.requires_grad else found["total"]
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     losses[mask] = found["losses"]
     correct = None
     if want_correct:
         correct = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
         correct[mask] = found["correct"]
-    return TokenLosses(losses=losses, mask=mask, total=found["total"], correct=correct)
+    return TokenLosses(losses=losses, mask=mask, total=total, correct=correct)
 
 
 def full_logits_token_losses(
