@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from codetune.checkpoints import load_trained
+from codetune.checkpoints.trained import peek_trained
 from codetune.eval.infilling import check_format, infill_one, require_sentinels
 
 
@@ -18,6 +19,7 @@ def infill(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    base_model: str | None = None,
 ) -> str:
     """Fill in the code between the contents of the ``prefix`` and ``suffix`` files; returns the middle.
 
@@ -32,6 +34,8 @@ def infill(
         max_new_tokens: Generation budget for the middle.
         temperature: Sampling temperature; 0 is greedy.
         seed: Seed of the sampling.
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
     check_format(format)
     texts = []
@@ -40,6 +44,7 @@ def infill(
         if not file.is_file():
             raise FileNotFoundError(f"--{name} {path}: no such file")
         texts.append(file.read_text())
-    model_obj, tokenizer = load_trained(model)
-    require_sentinels(tokenizer, sentinels)
+    # The FIM tokens are checked from the tokenizer, before the weights load (minutes for a 7B).
+    require_sentinels(peek_trained(model, base_model)[0], sentinels)
+    model_obj, tokenizer = load_trained(model, base_model=base_model)
     return infill_one(model_obj, tokenizer, *texts, format, sentinels, max_new_tokens, temperature, seed)

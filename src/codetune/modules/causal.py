@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,10 +12,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from codetune.checkpoints.format import add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.format import MODEL_HPARAM, add_tokenizer, check_checkpoint_fits, hyperparameters
 from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import MODEL_INPUTS
-from codetune.model.build import ModelSpec
+from codetune.model.build import ModelSpec, absolute_base
 from codetune.model.sharding import shard_model
 from codetune.modules.loss import (
     DEFAULT_CHUNK_TOKENS,
@@ -36,8 +37,9 @@ class CausalLM(L.LightningModule):
 
     The loss of an optimizer step is the mean over every labelled token of the step: all its accumulated
     micro-batches on all ranks (not a mean of per-batch means, which weighs a row of 20 labels like one of 3,000).
-    Each micro-batch backpropagates its loss sum; :meth:`on_before_optimizer_step` divides the gradients by the
-    step's labelled tokens (summed over ranks), before clipping and the optimizer see them.
+    Each micro-batch backpropagates its loss sum; after the step's last backward :meth:`normalise_gradients`
+    divides the gradients by the step's labelled tokens (summed over ranks), before callbacks, clipping and the
+    optimizer see them.
     """
 
     wants_correct = False
@@ -68,8 +70,11 @@ class CausalLM(L.LightningModule):
             )
         self.loss_chunk_tokens = loss_chunk_tokens
         spec = ModelSpec(**model) if isinstance(model, dict) else model
-        # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically.
-        self.spec = replace(spec, init_seed=run_seed(spec.init_seed))
+        # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically; so is
+        # the base as an absolute path, so the run's checkpoint works from any directory (issue 14 #2).
+        self.spec = replace(
+            spec, init_seed=run_seed(spec.init_seed), name_or_path=absolute_base(spec.name_or_path)
+        )
         self.spec.validate()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -80,6 +85,7 @@ class CausalLM(L.LightningModule):
             None  # labelled tokens of this optimizer step so far (device)
         )
         self._loss_unit: int | None = None  # constant divisor of the micro-batch sums (their gradient scale)
+        self._closes_step = False  # this micro-batch's backward is the optimizer step's last
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -100,7 +106,19 @@ class CausalLM(L.LightningModule):
 
     def build_model(self):
         """Load the model (or continue a codetune run's); stages extend this (e.g. to log what was built)."""
-        return build_training_model(self.spec, self.tokenizer)
+        model = build_training_model(self.spec, self.tokenizer)
+        self.record_hub_revision(model)
+        return model
+
+    def record_hub_revision(self, model) -> None:
+        """Pin a Hub base to the commit it was loaded from (unless the recipe pinned one), in the spec and the
+        checkpoint's hyperparameters: a later export or eval rebuilds from the same weights, not a newer push."""
+        name = self.spec.name_or_path
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        if not name or Path(name).expanduser().exists() or "revision" in self.spec.extra or not commit:
+            return
+        self.spec.extra["revision"] = commit
+        self.hparams[MODEL_HPARAM]["extra"]["revision"] = commit
 
     def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self.model(
@@ -163,12 +181,21 @@ class CausalLM(L.LightningModule):
     def on_train_start(self) -> None:
         self._step_tokens, self._loss_unit = None, None
 
+    def on_after_backward(self) -> None:
+        # The last micro-batch of an optimizer step: normalise now, so every on_before_optimizer_step callback
+        # (StepStats' grad_norm) and clipping already see the step's gradient.
+        if self._closes_step:
+            self.normalise_gradients()
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        self.normalise_gradients()  # a window on_after_backward did not recognise as closing (iterable data)
+
+    def normalise_gradients(self) -> None:
         """Divide the accumulated gradients by the step's labelled tokens (all micro-batches, all ranks).
 
         Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP/FSDP2 average gradients
         over ranks, so the factor is ``accumulate x world x unit / tokens``. One all-reduce of a scalar per
-        optimizer step; no host sync (the factor stays on the device).
+        optimizer step; no host sync (the factor stays on the device). Does nothing twice for one step.
         """
         tokens, self._step_tokens = self._step_tokens, None
         if tokens is None or self._trainer is None:
@@ -179,13 +206,12 @@ class CausalLM(L.LightningModule):
             tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
         factor = trainer.accumulate_grad_batches * trainer.world_size * self._loss_unit / tokens.clamp(min=1)
         with torch.no_grad():
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    grad = param.grad
-                    if grad is None:
-                        continue
-                    local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
-                    local.mul_(factor.to(local.device))
+            for param in self.parameters():
+                grad = param.grad
+                if grad is None:
+                    continue
+                local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
+                local.mul_(factor.to(local.device))
 
     def extra_metrics(
         self, batch: dict[str, torch.Tensor], out: TokenLosses
@@ -199,6 +225,13 @@ class CausalLM(L.LightningModule):
         return {}
 
     def training_step(self, batch, batch_idx):
+        trainer = self._trainer
+        if trainer is not None:
+            # Lightning steps the optimizer after every accumulate_grad_batches-th batch and after the epoch's last.
+            done = batch_idx + 1
+            self._closes_step = (
+                done % trainer.accumulate_grad_batches == 0 or done == trainer.num_training_batches
+            )
         return self.step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
