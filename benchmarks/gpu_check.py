@@ -23,7 +23,9 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -136,10 +138,11 @@ def fsdp2_bf16(env: Env) -> dict[str, Any]:
     from codetune.model.sharding import shard_model
 
     started = not dist.is_initialized()
+    store = tempfile.mkdtemp(prefix="gpu-check-")
     if started:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if env.cuda else "gloo", rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if env.cuda else "gloo", init_method=f"file://{store}/store", rank=0, world_size=1
+        )
     try:
         config = llama(256, 2, 4, 512, 1024) if not env.dry else llama(32, 2, 2, 64, 128)
         chunk = int(os.environ.get("GPU_CHECK_CHUNK", "1024"))
@@ -164,6 +167,7 @@ def fsdp2_bf16(env: Env) -> dict[str, Any]:
     finally:
         if started:
             dist.destroy_process_group()
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def qlora_memory(env: Env) -> dict[str, Any]:

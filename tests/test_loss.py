@@ -3,6 +3,7 @@ normalisation by its labelled tokens (accumulation and batch give the same gradi
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -103,14 +104,25 @@ class Train(torch.utils.data.Dataset):
         return self.batches[i]
 
 
-def one_step_update(tmp_path, batches, accumulate) -> dict[str, torch.Tensor]:
-    """Parameter change of one SGD step (lr 1, no momentum): minus the gradient the step used."""
+class SeenByCallbacks(L.Callback):
+    """What a callback (StepStats' grad_norm) reads in on_before_optimizer_step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norm = float(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()]))
+
+
+def one_step_update(tmp_path, batches, accumulate) -> tuple[dict[str, torch.Tensor], float]:
+    """Parameter change of one SGD step (lr 1, no momentum): minus the gradient the step used; and the gradient
+    norm callbacks saw."""
     module = build(optimizer=lambda params: torch.optim.SGD(params, lr=1.0))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0)
+    seen = SeenByCallbacks()
+    trainer = quiet_trainer(
+        tmp_path, max_steps=1, accumulate_grad_batches=accumulate, limit_val_batches=0, callbacks=[seen]
+    )
     trainer.fit(module, train_dataloaders=DataLoader(Train(batches), batch_size=None))
     assert trainer.global_step == 1
-    return {n: before[n] - p.detach() for n, p in module.named_parameters()}
+    return {n: before[n] - p.detach() for n, p in module.named_parameters()}, seen.norm
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tmp_path):
@@ -119,8 +131,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tmp_path):
     counts = [23, 2, 11, 5]
     whole = rows(counts)
     singles = [{k: v[i : i + 1] for k, v in whole.items()} for i in range(len(counts))]
-    batched = one_step_update(tmp_path / "batch", [whole], accumulate=1)
-    accumulated = one_step_update(tmp_path / "accumulate", singles, accumulate=4)
+    batched, batched_norm = one_step_update(tmp_path / "batch", [whole], accumulate=1)
+    accumulated, accumulated_norm = one_step_update(tmp_path / "accumulate", singles, accumulate=4)
     # The oracle: the gradient of the mean over all labelled tokens, from the full logits.
     module = build()
     reference = full_logits_token_losses(module(input_ids=whole["input_ids"]), whole["labels"])
@@ -128,3 +140,5 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tmp_path):
     for name, grad in expected.items():
         torch.testing.assert_close(batched[name], grad, atol=2e-6, rtol=1e-4, msg=name)
         torch.testing.assert_close(accumulated[name], grad, atol=2e-6, rtol=1e-4, msg=name)
+    norm = float(torch.nn.utils.get_total_norm(list(expected.values())))
+    assert batched_norm == pytest.approx(norm, rel=1e-4) and accumulated_norm == pytest.approx(norm, rel=1e-4)
