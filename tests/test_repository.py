@@ -147,3 +147,80 @@ def test_repository_fim_unpermutes_to_the_files_with_their_headers(vocab, tokeni
     assert len(chosen_files) > 3 and modes == {"psm", "spm"}
     body_texts = [p for k, p in pieces if k == BODY]
     assert len(body_texts) == 10
+
+
+def _draw_at(prefix_len: int, middle_len: int, total: int, mode: str):
+    """A draw whose cuts fall exactly at ``prefix_len`` and ``prefix_len + middle_len`` of a ``total``-char file."""
+    from codetune.data.fim import FIMDraw
+
+    def cut(k: int) -> int:
+        return -((-k << 64) // (total + 1))  # ceil(k * 2**64 / (total + 1))
+
+    return FIMDraw(mode=mode, cut_a=cut(prefix_len), cut_b=cut(prefix_len + middle_len), window=0)
+
+
+@pytest.mark.parametrize("mode", ["psm", "spm"])
+def test_the_repository_infill_prompt_is_the_training_layout_up_to_the_middle(tokenizer, mode):
+    from codetune.data.fim import draw_file
+    from codetune.eval.infilling import RepoContext, build_infill_prompts, require_sentinels
+
+    context = {"a/core.py": "def base():\n    return 1\n", "a/util.py": "X = 2\n"}
+    edited, prefix, middle, suffix = "b/main.py", "def main():\n    return ", "base() + X", "\n"
+    files = _files({**context, edited: prefix + middle + suffix}, repo="proj")
+    assembler = RepositoryAssembler(backend_copy(tokenizer, text_only=True), None, {"repo": 10_000})
+    (doc,) = assembler.run(files)
+    assert doc.meta["files"][-1] == edited
+    fim = FIMTransform(FIMConfig(fim_rate=1.0), tokenizer)
+    ordinal = next(k for k in range(100) if draw_file(fim.config, "repo", k, 3) == 2)
+    d = _draw_at(len(prefix), len(middle), len(prefix + middle + suffix), mode)
+    enc = fim.encode_repository(doc.text, doc.meta["layout"], d, "repo", ordinal)
+    trained_prompt = enc.input_ids[: enc.middle_mask.index(True)]
+    (prompt,), _ = build_infill_prompts(
+        tokenizer,
+        [(prefix, suffix)],
+        mode,
+        require_sentinels(tokenizer),
+        [RepoContext("proj", tuple(context.items()), edited)],
+    )
+    assert prompt == trained_prompt  # SPM: the prefix follows <MID>, in the prompt as in training
+    assert tokenizer.decode(prompt).startswith("# proj/a/core.py\ndef base()")
+
+
+def test_infill_context_files_come_in_dependency_order_with_repository_paths(git_repos):
+    from codetune.commands.infill import repository_context
+
+    root = git_repos["package"]
+    context = repository_context(
+        [str(root / "pkg/views.py"), str(root / "pkg/models.py"), str(root / "pkg/core/base.py")],
+        str(root / "pkg/app.py"),
+    )
+    assert context.repo == "pkgrepo" and context.path == "pkg/app.py"
+    assert [p for p, _ in context.files] == ["pkg/core/base.py", "pkg/models.py", "pkg/views.py"]
+    assert context.files[0][1] == repos.PACKAGE["pkg/core/base.py"]
+    with pytest.raises(FileNotFoundError, match="--context nope.py: no such file"):
+        repository_context(["nope.py"], "x.py")
+
+
+def test_api_infill_with_context_and_the_card_section(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    import codetune
+    from codetune.data.tokenizer import fim_sentinels
+    from codetune.exports.card import _repository_section
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    middle = codetune.infill(
+        model,
+        "def f():\n    return ",
+        "\n",
+        tokenizer=tokenizer,
+        max_new_tokens=3,
+        context={"u.py": "X = 1\n"},
+    )
+    assert isinstance(middle, str)
+
+    class Facts:
+        repository_level, repo_tokens = True, None
+
+    section = "\n".join(_repository_section(Facts(), fim_sentinels(tokenizer)))
+    assert "# myproject/text.py\nASCII = range(128)\n# myproject/clean.py\n<PRE>" in section

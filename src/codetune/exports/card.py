@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from codetune.checkpoints.format import TrainedCheckpoint
-from codetune.data.fim import format_infill_prompt
+from codetune.data.fim import format_infill_prompt, format_repository_infill_prompt
+from codetune.data.repository import RepoTokens, repo_tokens
 from codetune.data.tokenizer import FIMSentinels, fim_sentinels
 from codetune.eval.report import scores_of
 from codetune.exports.secrets import known_secrets, redact_text, strip_secrets
@@ -58,6 +59,10 @@ class CardFacts:
     sentinels: FIMSentinels | None = None
     fim: dict[str, Any] | None = None
     """The recipe's FIM objective settings, when it has one."""
+    repository_level: bool = False
+    """The recipe trained on repository-level documents (a git source with ``repository_documents``)."""
+    repo_tokens: RepoTokens | None = None
+    """The repository and file tokens the tokenizer carries."""
     sources: list[dict[str, str]] = field(default_factory=list)
     """Training data: ``name``, ``kind``, ``location``, ``provenance``."""
     tokens_seen: int | None = None
@@ -153,6 +158,14 @@ def _provenance(kind: str, location: str, fields: dict[str, Any]) -> str:
     if kind == "HFDataset":
         return f"Hugging Face dataset `{location}`; see https://huggingface.co/datasets/{location} for its licence"
     return "local files; licence not recorded in the recipe"
+
+
+def repository_level(recipe: dict[str, Any] | None) -> bool:
+    """Whether the recipe's data has a git source joining files into repository documents (the default)."""
+    return any(
+        kind == "GitRepos" and fields.get("repository_documents", True) is not False
+        for kind, fields in _source_entries((recipe or {}).get("data"))
+    )
 
 
 def find_key(node: Any, key: str) -> Any:
@@ -391,6 +404,48 @@ def _fim_section(facts: CardFacts) -> list[str]:
         "middle = tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)",
         "```",
         "",
+        *_repository_section(facts, s),
+    ]
+
+
+def _repository_section(facts: CardFacts, s: FIMSentinels) -> list[str]:
+    """Repository-level infilling: how to put the repository's other files before the edited one."""
+    if not facts.repository_level and facts.repo_tokens is None:
+        return []
+    tokens = facts.repo_tokens
+    trained = (
+        "This run trained on repository-level documents: each repository's files in dependency order, one file of "
+        "each document FIM-transformed and the others left as its context."
+        if facts.repository_level
+        else "The tokenizer carries repository tokens; this run's recipe did not train repository-level documents."
+    )
+    how = (
+        f"each file is introduced by `{tokens.file_sep}` and its path, the repository by `{tokens.repo_name}`"
+        if tokens is not None
+        else "each file is introduced by a comment line naming `repo/path` (the tokenizer has no repository tokens)"
+    )
+    example = format_repository_infill_prompt(
+        _EXAMPLE_PREFIX,
+        _EXAMPLE_SUFFIX,
+        "psm",
+        s,
+        "myproject",
+        [("text.py", "ASCII = range(128)\n")],
+        "clean.py",
+        tokens,
+    )
+    return [
+        "### Repository-level infilling",
+        "",
+        trained
+        + f" For a gap in one file of a project, show the project's other files first: {how}; the edited file's "
+        "header comes right before the FIM prompt (`codetune infill --context FILE...` and "
+        "`codetune.infill(..., context={path: code})` build it):",
+        "",
+        "```text",
+        example,
+        "```",
+        "",
     ]
 
 
@@ -540,6 +595,8 @@ def gather_facts(
         rope_parameters=dict(rope) if isinstance(rope, dict) else None,
         sentinels=fim_sentinels(checkpoint.tokenizer),
         fim=fim_settings(recipe),
+        repository_level=repository_level(recipe),
+        repo_tokens=repo_tokens(checkpoint.tokenizer),
         sources=data_sources(recipe),
         tokens_seen=tokens_seen(recipe, checkpoint.global_step),
         decontamination=decontamination(recipe),
