@@ -224,3 +224,67 @@ def test_api_infill_with_context_and_the_card_section(tiny_model_dir, tokenizer)
 
     section = "\n".join(_repository_section(Facts(), fim_sentinels(tokenizer)))
     assert "# myproject/text.py\nASCII = range(128)\n# myproject/clean.py\n<PRE>" in section
+
+
+def _recipe_on(repo, tmp_path, val_fraction: float = 0.6):
+    """recipes/tiny-repo-fim.yaml on a test repository, with the session's tokenizer (already trained)."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    recipe = yaml.safe_load((REPO / "recipes" / "tiny-repo-fim.yaml").read_text())
+    data = recipe["data"]["init_args"]
+    data["sources"][0]["init_args"]["path"] = str(repo)
+    data["tokenizer"] = {"train": {"corpus": "@stdlib", "vocab_size": 1024, "max_files": 60}}
+    data["split"]["val_fraction"] = val_fraction
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_held_out_files_are_scored_with_and_without_their_repository_context(
+    git_repos, tiny_model_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from codetune.commands.evaluate import evaluate_infilling, evaluate_perplexity
+    from codetune.data.curation import split_of
+    from codetune.eval.repository import context_perplexity, held_out_files
+
+    recipe = _recipe_on(git_repos["json"], tmp_path)
+    files = [
+        Document((git_repos["json"] / n).read_text(), f"json/{n}", "repo", {"repo": "json", "path": n})
+        for n in repos.JSON_FILES
+    ]
+    for d in files:
+        d.meta["split"] = split_of(d, 0.6, 0)  # the recipe's split (seed 0), computed independently
+    held = held_out_files(files)
+    order = dependency_order({d.meta["path"]: d.text for d in files}, "json")
+    assert [h.path for h in held] == [
+        p for p in order if split_of(files[repos.JSON_FILES.index(p)], 0.6, 0) == "validation"
+    ]
+    assert all([d.meta["path"] for d in h.context] == order[: order.index(h.path)] for h in held)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = build_tokenizer(TokenizerSpec(name_or_path=str(tiny_model_dir)))
+    first = held_out_files([dict_to_first(files, order)])
+    alone = context_perplexity(model, tok, first, 256)  # nothing before it: both conditions are one prompt
+    assert alone.with_context == alone.without_context and alone.context_files == 0
+    results = evaluate_perplexity(
+        str(tiny_model_dir), lengths=[256], recipe=str(recipe), out_dir=str(tmp_path / "ppl")
+    )
+    report = results["repository_context"]["256"]
+    assert results["settings"]["held_out_files"] == len(held) == report["files"] and report["tokens"] > 0
+    assert results["scores"]["perplexity@256_with_context"] > 1
+    assert report["context_files"] > 0
+    results = evaluate_infilling(
+        str(tiny_model_dir), tasks="repository", recipe=str(recipe), limit=3, max_new_tokens=4,
+        max_prompt_tokens=512, out_dir=str(tmp_path / "inf"),
+    )  # fmt: skip
+    assert set(results["scores"]) == {"exact_match", "exact_match_without_context"}
+    assert results["num_tasks"] == 3 and results["benchmark"] == "repository-infilling-single-line"
+
+
+def dict_to_first(files: list[Document], order: list[str]) -> Document:
+    """The first file in dependency order, as held out (it has no context)."""
+    doc = next(d for d in files if d.meta["path"] == order[0])
+    return Document(doc.text, doc.doc_id, doc.source, {**doc.meta, "split": "validation"})

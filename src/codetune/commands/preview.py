@@ -22,7 +22,9 @@ from codetune.data.packing import RowSummary
 from codetune.data.repository import file_headers
 
 
-def _datamodule(config: str, overrides: list[str]) -> Any:
+def recipe_datamodule(config: str, overrides: list[str]) -> Any:
+    """The data module a recipe configures (parsed exactly as ``codetune fit`` parses it), without a model."""
+
     class _DataOnly(CodetuneCLI):
         """Parses the whole recipe, instantiates only ``data``."""
 
@@ -153,7 +155,7 @@ def preview(
     """
     if rows < 1:
         raise ValueError(f"preview: rows must be >= 1, got {rows}")
-    datamodule = _datamodule(config, list(overrides or []))
+    datamodule = recipe_datamodule(config, list(overrides or []))
     selected = preview_rows(datamodule, rows, split)
     records = [_row_json(r, datamodule.tokenizer) for r in selected]
     boundaries = _file_boundaries(records, datamodule)
