@@ -75,6 +75,40 @@ def test_recipe_data_composes_from_nested_yaml_and_from_command_line(tmp_path):
     assert via_recipe.model.tokenizer is via_recipe.datamodule.tokenizer
 
 
+def test_a_source_list_on_top_of_a_recipe_replaces_the_recipes_list(tmp_path):
+    """One user source over the stdlib recipe's one source: nothing of the stdlib entry leaks into it (issue 12/14:
+    jsonargparse merged equal-length lists entry by entry, inheriting ``exclude: [test/**, ...]`` and
+    ``max_files: 400``); ``+=`` still appends."""
+    from codetune.commands.fit import sources_replace
+
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "tests" / "test_app.py").write_text("def test_app():\n    assert True\n")
+    mine = {"path": str(repo), "name": "mine"}
+    data = tmp_path / "my-data.yaml"
+    data.write_text(
+        json.dumps({"class_path": "codetune.data.CodeDataModule", "init_args": {"sources": [mine]}})
+    )
+    tiny = [a for a in TINY if not a.startswith("--data.init_args.sources")]
+    for how in (["--data", str(data)], [f"--data.init_args.sources=[{json.dumps(mine)}]"]):
+        source = _cli("--config", str(QUICKSTART), *how, *tiny).datamodule.sources[0]
+        assert (source.name, source.exclude, source.max_files) == ("mine", [], None), how
+    # The rewrite itself: a later list clears the earlier one, a first list and an append are left alone.
+    first = ["fit", "--data.init_args.sources=[{path: a}]"]
+    assert sources_replace(first) == first
+    appended = ["fit", "--config", str(QUICKSTART), "--data.init_args.sources+=[{path: a}]"]
+    assert sources_replace(appended) == appended
+    replaced = sources_replace(["fit", "--config", str(QUICKSTART), "--data", str(data)])
+    assert replaced == [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--data.init_args.sources=[]",
+        "--data",
+        str(data),
+    ]
+
+
 def test_dotted_overrides_reach_trainer_and_model(tmp_path):
     cli = _cli(
         "--config",

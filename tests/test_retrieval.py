@@ -87,6 +87,27 @@ def test_bad_lengths_and_positions_are_rejected(tokenizer, corpus, tmp_path):
         evaluate_retrieval(model=str(tmp_path / "never-loaded"), positions=(0.5, 1.5))
 
 
+def test_retrieval_lengths_stay_within_the_models_context(tiny_model_dir, monkeypatch):
+    """Prompts longer than the context score positions the model never saw (issue 14 #7): the defaults keep the
+    lengths that fit, given ones beyond it are refused; both from the config, before the weights load."""
+    import codetune.commands.evaluate as evaluate_module
+    from codetune.commands.evaluate import retrieval_lengths
+
+    assert retrieval_lengths(None, 2048) == (1024, 2048)
+    assert retrieval_lengths(None, None) == (1024, 2048, 4096)
+    assert retrieval_lengths((256, 512), 1024) == (256, 512)
+    with pytest.raises(ValueError, match="shorter than every default"):
+        retrieval_lengths(None, 512)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the lengths were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_trained", boom)
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=rf"\[{2 * context}\] exceed the model's context of {context}"):
+        evaluate_retrieval(model=str(tiny_model_dir), lengths=(256, 2 * context))
+
+
 def test_tiny_model_retrieval_runs_end_to_end(tmp_path, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -195,6 +195,18 @@ def test_jsonl_skip_counts_bad_lines_and_keeps_good_ones(tmp_path):
     assert [d.text for d in source.documents()] == ["one", "two"]
     assert source.skipped.counts == {"malformed_json": 1, "missing_text": 2, "not_an_object": 1, "empty": 1}
     assert source.skipped.examples["malformed_json"] == [f"{path}:2"]
+    # every skipped location is kept for the run's skipped.jsonl, not only the examples
+    assert [where for _, where in source.skipped.listed] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
+
+
+def test_jsonl_whose_text_is_under_another_key_suggests_text_field(tmp_path):
+    """``content`` instead of ``text`` (issue 14 #8): the message says which field to set, not just missing_text."""
+    record = {"path": "a.py", "content": "def f():\n    return 1\n"}
+    path = _jsonl(tmp_path / "code.jsonl", [json.dumps(record)] * 3)
+    with pytest.raises(ValueError, match="set text_field: content"):
+        list(JsonlFiles(str(path)).documents())
+    with pytest.raises(ValueError, match=r"missing_text=3 .*; missing_text: .*set text_field: content"):
+        list(JsonlFiles(str(path), on_error="skip").documents())
 
 
 def test_jsonl_folder_glob_gzip_and_id_field(tmp_path):

@@ -1,4 +1,5 @@
-"""Training callbacks: throughput in the progress bar, the end-of-run summary, and early dropout."""
+"""Training callbacks: throughput, learning rate and gradient norm in the progress bar and the logs, the loss
+history the end-of-run summary plots, and early dropout."""
 
 from __future__ import annotations
 
@@ -136,6 +137,53 @@ class Throughput(L.Callback):
             # Every token costs its FLOPs, padding included; the peak is per device.
             self.mfu = self._flops_per_token * tokens_per_s / (self._peak * trainer.world_size)
             pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True)
+
+
+class StepStats(L.Callback):
+    """Logs the learning rate and the gradient norm of every optimizer step (``lr``, ``grad_norm``: progress bar,
+    CSV, TensorBoard) and keeps the loss history for the end-of-fit plot.
+
+    The norm is the total 2-norm over every trained parameter before clipping (what ``gradient_clip_val`` is
+    compared with), and of the whole model under FSDP2 (sharded gradients are reduced).
+    """
+
+    def __init__(self) -> None:
+        self.train_loss: list[tuple[int, float]] = []
+        """``(optimizer step, train/loss)`` of each logged training batch."""
+        self.val_loss: list[tuple[int, float]] = []
+        """``(optimizer step, val/loss)`` of each validation run during and around the fit."""
+        self.val_batch_seconds: list[float] = []
+        """Wall-clock seconds of each validation batch (the plan's estimate of a training step starts here)."""
+        self._val_t0: float | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        pl_module.log("lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True)
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP2: the reduced value
+            pl_module.log("grad_norm", full() if full else norm, prog_bar=True, on_step=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self.train_loss.append((trainer.global_step, float(loss)))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if self._val_t0 is not None and not trainer.sanity_checking:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            self.val_batch_seconds.append(time.perf_counter() - self._val_t0)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not trainer.sanity_checking:
+            self.val_loss.append((trainer.global_step, float(loss)))
 
 
 class EarlyDropout(L.Callback):

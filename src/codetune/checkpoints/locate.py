@@ -15,6 +15,8 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 LAST_CHECKPOINT = "last.ckpt"
+FIT_SUMMARY = "fit_summary.json"
+"""The run's record in its log directory, written at the end of ``codetune fit``; the model card states it."""
 DISTRIBUTED_METADATA = ".metadata"
 """torch.distributed.checkpoint's index file: its presence makes a folder a sharded checkpoint."""
 _VERSION = re.compile(r"^version_(\d+)$")

@@ -189,6 +189,26 @@ def load_trained(path: str | Path, base_model: str | None = None) -> tuple[Any, 
     return model.eval(), checkpoint.tokenizer
 
 
+def peek_trained(path: str | Path, base_model: str | None = None) -> tuple[Any, int | None]:
+    """``(tokenizer, context length)`` of what :func:`load_trained` would load, reading no weights: commands check
+    a model's FIM tokens and context from here before minutes of loading (a 7B)."""
+    location = locate(path)
+    if location.kind == "adapter_folder":
+        load_trained(path)  # its one-line refusal
+    if location.kind == "hf_folder":
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(location.path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(location.path, trust_remote_code=False)
+        return tokenizer, getattr(config, "max_position_embeddings", None)
+    checkpoint = read_checkpoint(location)  # memory-mapped: the weights stay on disk
+    spec = full_precision_spec(checkpoint.spec, base_model)
+    config = trained_base_config(spec, checkpoint.tokenizer)
+    if spec.rope is not None:
+        apply_rope_scaling(config, spec.rope)
+    return checkpoint.tokenizer, getattr(config, "max_position_embeddings", None)
+
+
 def load_hf_folder(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """An exported model folder (weights and tokenizer), in eval mode; never runs code from the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

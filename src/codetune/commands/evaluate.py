@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from codetune.checkpoints import Location, load_trained, locate
+from codetune.checkpoints.trained import peek_trained
 from codetune.commands.preview import recipe_datamodule
 from codetune.data.corpus import curated_documents
 from codetune.data.git import GitRepos
@@ -44,10 +45,12 @@ def run_task(
     settings: dict[str, Any],
     work: Work,
     loaded: tuple[Any, Any] | None = None,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
-    """Load ``model`` (unless ``loaded`` is given), run ``work`` on it, write and return the results."""
+    """Load ``model`` (unless ``loaded`` is given; ``base_model`` replaces a base that moved), run ``work`` on it,
+    write and return the results."""
     started = time.monotonic()
-    model_obj, tokenizer = loaded if loaded is not None else load_trained(model)
+    model_obj, tokenizer = loaded if loaded is not None else load_trained(model, base_model=base_model)
     scores, records, extra = work(model_obj, tokenizer)
     results = {
         "benchmark": benchmark,
@@ -137,6 +140,7 @@ def evaluate_humaneval(
     workers: int | None = None,
     unsafe_no_sandbox: bool = False,
     allow_no_cgroup: bool = False,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """HumanEval pass@k of a model (``model``) or of completions produced elsewhere (``completions``).
 
@@ -162,6 +166,8 @@ def evaluate_humaneval(
         unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
             shared machine; the results and the model card carry the warning.
         allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
 
     Returns:
         The results dict that is also written to ``humaneval_results.json``.
@@ -225,7 +231,9 @@ def evaluate_humaneval(
 
     # Given completions need no model.
     loaded = (None, None) if given is not None else None
-    return run_task("humaneval", "humaneval", model, out_dir, settings, work, loaded=loaded)
+    return run_task(
+        "humaneval", "humaneval", model, out_dir, settings, work, loaded=loaded, base_model=base_model
+    )
 
 
 def evaluate_infilling(
@@ -248,6 +256,7 @@ def evaluate_infilling(
     workers: int | None = None,
     unsafe_no_sandbox: bool = False,
     allow_no_cgroup: bool = False,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """HumanEval infilling of a model: execution pass@1 and exact match of greedy infills.
 
@@ -281,15 +290,19 @@ def evaluate_infilling(
         unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
             shared machine; the results and the model card carry the warning.
         allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
     inf.check_format(format)
     _check_limit(limit)
     if tasks == "repository" or recipe is not None:
         return _repository_infilling(
             model, mode, format, recipe, source, max_prompt_tokens, sentinels, limit, per_problem,
-            max_new_tokens, batch_size, out_dir, seed,
+            max_new_tokens, batch_size, out_dir, seed, base_model,
         )  # fmt: skip
     selected, task_meta = inf.select_tasks(tasks, mode, data_dir, limit, seed=seed, per_problem=per_problem)
+    # A model without FIM tokens is refused from its tokenizer, before the weights load (minutes for a 7B).
+    inf.require_sentinels(peek_trained(model, base_model)[0], sentinels)
     sandbox = _sandbox(timeout, None, workers, unsafe_no_sandbox, allow_no_cgroup)
     settings: dict[str, Any] = {
         "tasks": tasks,
@@ -311,7 +324,7 @@ def evaluate_infilling(
         return scores, records, extra
 
     benchmark = f"humaneval-infilling-{mode}" + ("" if tasks == "official" else "-derived")
-    return run_task("infilling", benchmark, model, out_dir, settings, work)
+    return run_task("infilling", benchmark, model, out_dir, settings, work, base_model=base_model)
 
 
 def recipe_files(recipe: str | None, source: str | None, overrides: list[str] | None = None) -> list[Any]:
@@ -339,7 +352,7 @@ def recipe_files(recipe: str | None, source: str | None, overrides: list[str] | 
 def _repository_infilling(
     model: str, mode: str, format: str, recipe: str | None, source: str | None, max_prompt_tokens: int,
     sentinels: str | None, limit: int | None, per_file: int, max_new_tokens: int, batch_size: int,
-    out_dir: str | None, seed: int,
+    out_dir: str | None, seed: int, base_model: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     held = repo_eval.held_out_files(recipe_files(recipe, source))
     selected = repo_eval.infill_tasks(held, mode, per_file, seed)[:limit]
@@ -363,7 +376,9 @@ def _repository_infilling(
             {"seed": seed, "task_set": {"name": f"repository-{mode}", "num_tasks": len(records)}},
         )
 
-    return run_task("infilling", f"repository-infilling-{mode}", model, out_dir, settings, work)
+    return run_task(
+        "infilling", f"repository-infilling-{mode}", model, out_dir, settings, work, base_model=base_model
+    )
 
 
 def evaluate_mbpp(
@@ -385,6 +400,7 @@ def evaluate_mbpp(
     workers: int | None = None,
     unsafe_no_sandbox: bool = False,
     allow_no_cgroup: bool = False,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """MBPP pass@k (Austin et al. 2021) with the 3-shot prompt Code Llama reports, on the evaluation split only.
 
@@ -409,6 +425,8 @@ def evaluate_mbpp(
         unsafe_no_sandbox: Run generated code WITHOUT confinement when the sandbox cannot be set up. Never on a
             shared machine; the results and the model card carry the warning.
         allow_no_cgroup: Accept a sandbox without a per-sample memory/pids cgroup (memory bounded per process only).
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
     ks = sorted(set(k))
     if not ks or min(ks) < 1 or max(ks) > n:
@@ -436,12 +454,12 @@ def evaluate_mbpp(
         extra = {"seed": seed, "task_set": meta.get("task_set"), "sandbox": sandbox.report.as_dict()}
         return scores, records, extra
 
-    return run_task("mbpp", f"mbpp-{variant}", model, out_dir, settings, work)
+    return run_task("mbpp", f"mbpp-{variant}", model, out_dir, settings, work, base_model=base_model)
 
 
 def evaluate_retrieval(
     model: str,
-    lengths: tuple[int, ...] = (1024, 2048, 4096),
+    lengths: tuple[int, ...] | None = None,
     positions: tuple[float, ...] = DEFAULT_POSITIONS,
     samples: int = 2,
     corpus: str = "@stdlib",
@@ -449,12 +467,14 @@ def evaluate_retrieval(
     batch_size: int = 1,
     out_dir: str | None = None,
     seed: int = 0,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """Key-retrieval accuracy of a model per (context length, relative position), greedy decoding.
 
     Args:
         model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
-        lengths: Prompt lengths in tokens.
+        lengths: Prompt lengths in tokens, each within the model's context; default: those of 1024, 2048, 4096
+            that fit it (a longer prompt scores positions the model never saw).
         positions: Relative positions of the key function in the context, each in [0, 1].
         samples: Prompts per (length, position), each with its own value and context.
         corpus: Folder of code for the context, or ``@stdlib``.
@@ -464,13 +484,17 @@ def evaluate_retrieval(
             when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
             ``./eval/retrieval``.
         seed: Seed of the values and contexts.
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths must be positive token counts, got {list(lengths)}")
     if not positions or not all(0.0 <= p <= 1.0 for p in positions):
         raise ValueError(f"--positions must lie in [0, 1], got {list(positions)}")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
+    if lengths is not None and (not lengths or min(lengths) < 1):
+        raise ValueError(f"--lengths must be positive token counts, got {list(lengths)}")
+    # Against the model's context, read from its config before the weights load.
+    lengths = retrieval_lengths(lengths, peek_trained(model, base_model)[1])
     texts = load_corpus(corpus)
     settings = {
         "lengths": list(lengths),
@@ -486,7 +510,7 @@ def evaluate_retrieval(
         )
         return scores, records, {"seed": seed}
 
-    return run_task("retrieval", "key-retrieval", model, out_dir, settings, work)
+    return run_task("retrieval", "key-retrieval", model, out_dir, settings, work, base_model=base_model)
 
 
 def evaluate_perplexity(
@@ -502,6 +526,7 @@ def evaluate_perplexity(
     out_dir: str | None = None,
     recipe: str | None = None,
     source: str | None = None,
+    base_model: str | None = None,
 ) -> dict:
     """Perplexity of a model on held-out code at several context lengths.
 
@@ -528,10 +553,12 @@ def evaluate_perplexity(
         recipe: The training recipe whose git source's held-out files to score with and without repository
             context (then ``corpus``, ``include`` and the split options are the recipe's).
         source: Name of the recipe's source to score (default: its git source).
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
     lengths = check_lengths(lengths)
     if recipe is not None:
-        return _repository_perplexity(model, lengths, recipe, source, out_dir)
+        return _repository_perplexity(model, lengths, recipe, source, out_dir, base_model)
     include = include or ["**/*.py"]
     settings = {
         "corpus": corpus,
@@ -558,7 +585,7 @@ def evaluate_perplexity(
         }
         return {f"perplexity@{k}": v for k, v in report.perplexity.items()}, [], extra
 
-    return run_task("perplexity", "perplexity", model, out_dir, settings, work)
+    return run_task("perplexity", "perplexity", model, out_dir, settings, work, base_model=base_model)
 
 
 def eval_report(runs: list[str], out: str | None = None, overwrite: bool = False) -> str:
@@ -595,7 +622,12 @@ eval_report.positional = "runs"  # `codetune eval report RUN RUN ...`: bare argu
 
 
 def _repository_perplexity(
-    model: str, lengths: list[int], recipe: str, source: str | None, out_dir: str | None
+    model: str,
+    lengths: list[int],
+    recipe: str,
+    source: str | None,
+    out_dir: str | None,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     held = repo_eval.held_out_files(recipe_files(recipe, source))
     settings = {"recipe": recipe, "source": source, "lengths": lengths, "held_out_files": len(held)}
@@ -615,7 +647,9 @@ def _repository_perplexity(
             extra["repository_context"][str(length)] = asdict(r)
         return scores, [], extra
 
-    return run_task("perplexity", "repository-perplexity", model, out_dir, settings, work)
+    return run_task(
+        "perplexity", "repository-perplexity", model, out_dir, settings, work, base_model=base_model
+    )
 
 
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -637,6 +671,33 @@ def _sandbox(
     """The sandbox a task executes generated code in; it refuses (fails closed) before any model is loaded."""
     limits = SandboxLimits(timeout=timeout) if memory_mb is None else SandboxLimits(timeout, memory_mb)
     return Sandbox(limits, workers, unsafe_no_sandbox=unsafe_no_sandbox, allow_no_cgroup=allow_no_cgroup)
+
+
+DEFAULT_RETRIEVAL_LENGTHS = (1024, 2048, 4096)
+
+
+def retrieval_lengths(lengths: tuple[int, ...] | None, context: int | None) -> tuple[int, ...]:
+    """The prompt lengths to score: the given ones, each within the model's ``context`` (an error otherwise), or
+    the defaults that fit it (with a note for those left out)."""
+    if lengths is not None:
+        too_long = [n for n in lengths if context is not None and n > context]
+        if too_long:
+            raise ValueError(
+                f"--lengths {too_long} exceed the model's context of {context} positions: those prompts would "
+                f"test positions it never trained on; pass lengths up to {context}"
+            )
+        return tuple(lengths)
+    if context is None:
+        return DEFAULT_RETRIEVAL_LENGTHS
+    fitting = tuple(n for n in DEFAULT_RETRIEVAL_LENGTHS if n <= context)
+    if not fitting:
+        raise ValueError(
+            f"the model's context is {context} positions, shorter than every default retrieval length "
+            f"{list(DEFAULT_RETRIEVAL_LENGTHS)}; pass --lengths up to {context}"
+        )
+    if len(fitting) < len(DEFAULT_RETRIEVAL_LENGTHS):
+        log.warning("retrieval: scoring lengths %s, within the model's context of %d", list(fitting), context)
+    return fitting
 
 
 def _check_limit(limit: int | None) -> None:

@@ -21,9 +21,9 @@ from codetune.checkpoints.trained import (
     rebuild_model,
     trained_base_config,
 )
-from codetune.exports.card import gather_facts, render_card
+from codetune.exports.card import copy_eval_results, gather_facts, render_card
 from codetune.exports.editors import write_editor_files
-from codetune.exports.folder import check_out, staged_folder
+from codetune.exports.folder import check_out, staged_folder, write_marker
 from codetune.exports.gguf import GgufOutType, check_gguf_options, export_gguf
 from codetune.exports.hub import check_repo_id, push
 from codetune.exports.secrets import check_no_secrets, known_secrets
@@ -60,7 +60,9 @@ def export(
             login``). The export stays on disk whatever happens to the upload.
         private: Create the Hub repository as private (an existing repository keeps its visibility).
         revision: Branch of the Hub repository to upload to (created if missing).
-        overwrite: Replace a non-empty ``out``; the old folder is removed only once the new one is complete.
+        overwrite: Replace a non-empty ``out`` that an earlier ``codetune export`` wrote (it holds
+            ``.codetune-export.json``); never the current directory, a folder above it, a home directory or a git
+            work tree. The old folder is removed only once the new one is complete.
         base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved.
         max_shard_size: Largest safetensors shard, e.g. ``2GB`` or ``500MB``.
         license: Licence identifier for the card's metadata (e.g. ``apache-2.0``); default ``other``.
@@ -103,9 +105,12 @@ def export(
     spec = full_precision_spec(checkpoint.spec, base_model)  # fails here, in one line, if the base is gone
     grew = vocab_grew(spec, checkpoint.tokenizer)
     model = rebuild_model(checkpoint, base_model=base_model, merge=False)
-    facts = gather_facts(checkpoint, model, dtype, adapter_only, push_to_hub or target.name, license, grew)
+    facts = gather_facts(
+        checkpoint, model, dtype, adapter_only, push_to_hub or target.name, license, grew, base_model
+    )
     secrets = known_secrets()
     with staged_folder(target, overwrite) as tmp:
+        write_marker(tmp, location.path)
         if adapter_only:
             save_adapter(model, tmp, spec.name_or_path, save_embeddings=grew)
         else:
@@ -119,6 +124,7 @@ def export(
             )
             # An upload would send the GGUF twice through Tabby's folder: that copy only stays for local use.
             extra.append(write_editor_files(gguf, tmp / "gguf", tabby_weights=push_to_hub is None).section)
+        copy_eval_results(facts, tmp)
         (tmp / "README.md").write_text(render_card(facts, secrets, extra), encoding="utf-8")
         check_no_secrets(tmp, secrets)
     log.info("exported %s to %s", location.path, target)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from argparse import ArgumentError
 from pathlib import Path
@@ -21,11 +22,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 import codetune.strategies  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
-from codetune.callbacks import ProgressBar, Throughput
+from codetune.callbacks import ProgressBar, StepStats, Throughput
 from codetune.checkpoints import locate
 from codetune.checkpoints.format import checkpoint_shapes
 from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
-from codetune.commands.summary import print_summary, val_loss, val_losses
+from codetune.commands.summary import print_plan, print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
 from codetune.modules.causal import CausalLM
 from codetune.resume import AtomicCheckpoint, RNGState
@@ -60,6 +61,7 @@ class CodetuneCLI(LightningCLI):
                 "callbacks": [
                     ProgressBar(leave=True),
                     Throughput(),
+                    StepStats(),
                     AtomicCheckpoint(save_last=True),
                     RNGState(),
                 ],
@@ -73,8 +75,10 @@ class CodetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_moved_class_paths(config.as_dict())
         trainer = config.trainer
-        if trainer.logger in (None, True):
-            # CSV by default (no extra dependency); TensorBoard / W&B when the recipe names their logger.
+        self._default_logger = trainer.logger in (None, True)
+        if self._default_logger:
+            # CSV by default (no extra dependency), TensorBoard beside it when installed (instantiate_trainer);
+            # W&B or others when the recipe names their logger.
             trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": trainer.default_root_dir or "runs"},
@@ -90,11 +94,30 @@ class CodetuneCLI(LightningCLI):
             ]
         check_devices(trainer)
 
+    def instantiate_trainer(self, **kwargs: Any):
+        trainer = super().instantiate_trainer(**kwargs)
+        if getattr(self, "_default_logger", False) and tensorboard_installed():
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            csv = trainer.logger
+            # The same version folder as the CSV logger: one run, one directory (metrics.csv + event files).
+            trainer.loggers = [
+                csv,
+                TensorBoardLogger(
+                    save_dir=csv.save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"
+                ),
+            ]
+        return trainer
+
     def parse_arguments(self, parser, args) -> None:
         # A rejected recipe is one line (the key, the problem, the fix), not a usage block and an error tree.
         parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
         for each in parsers:
             each.exit_on_error = False
+        if args is None:  # Lightning re-runs sys.argv in the other processes: the rewrite goes there too
+            sys.argv = [sys.argv[0], *sources_replace(sys.argv[1:])]
+        elif isinstance(args, list | tuple):
+            args = sources_replace(list(args))
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
@@ -122,6 +145,8 @@ class CodetuneCLI(LightningCLI):
         if self.trainer.limit_val_batches != 0 and not resuming:
             metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self.initial_val_loss, self.initial_val_losses = val_loss(metrics), val_losses(metrics)
+        if self.trainer.is_global_zero:
+            print_plan(self)
         self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
@@ -151,6 +176,13 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
             callback["class_path"] = "codetune.resume.AtomicCheckpoint"
         found = found or class_path in (*_CHECKPOINT_CLASSES, "codetune.resume.AtomicCheckpoint")
     return found
+
+
+def tensorboard_installed() -> bool:
+    """Whether Lightning's TensorBoard logger can write (the ``tensorboard`` extra, or tensorboardX)."""
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
 def check_devices(trainer: Any) -> None:
@@ -210,6 +242,75 @@ def check_ckpt_path(ckpt_path: Any) -> Any:
         )
     checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
     return str(location.path)
+
+
+_SOURCES_KEYS = ("--data.init_args.sources", "--data.sources")
+_CLEAR_SOURCES = "--data.init_args.sources=[]"
+
+
+def sources_replace(args: list[str]) -> list[str]:
+    """``args`` with ``data.sources`` cleared before each later setting of it, so a source list given on top of a
+    recipe *replaces* the recipe's list.
+
+    jsonargparse merges two lists of equal length entry by entry, so one user source on top of the stdlib recipe
+    silently inherited its ``exclude: [test/**, ...]``, ``max_files`` and ``on_error`` (issue 12/14). Lists of
+    sources now follow one rule, whatever sets them (``--data file.yaml``, a second ``--config``, a dotted
+    ``--data.init_args.sources``): the later list replaces the earlier one; ``--data.init_args.sources+=[...]``
+    still appends.
+    """
+    out: list[str] = []
+    seen = False  # sources already set by an earlier argument
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, inline = arg.partition("=")
+        takes_value = not eq and i + 1 < len(args) and not args[i + 1].startswith("--")
+        value = inline if eq else (args[i + 1] if takes_value else None)
+        consumed = [arg] + ([args[i + 1]] if takes_value else [])
+        sets = False
+        if flag in _SOURCES_KEYS and value is not None:
+            sets = value.strip() != "[]"
+        elif flag == "--data" and value is not None:
+            sets = _data_has_sources(value, Path.cwd())
+        elif flag == "--config" and value is not None:
+            sets = _config_has_sources(value)
+        if sets and seen:
+            out.append(_CLEAR_SOURCES)
+        seen = seen or sets
+        out.extend(consumed)
+        i += len(consumed)
+    return out
+
+
+def _load_yaml(value: str, base: Path) -> tuple[Any, Path]:
+    """A YAML file's content (and the folder its relative paths start from), or an inline YAML value."""
+    import yaml
+
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        if value.endswith((".yaml", ".yml")) and path.is_file():
+            return yaml.safe_load(path.read_text(encoding="utf-8")), path.parent
+        return yaml.safe_load(value), base
+    except (yaml.YAMLError, OSError):
+        return None, base  # the parser reports a bad file in its own words
+
+
+def _data_has_sources(value: Any, base: Path) -> bool:
+    if isinstance(value, str):
+        value, base = _load_yaml(value, base)
+    if not isinstance(value, dict):
+        return False
+    init = value.get("init_args") if isinstance(value.get("init_args"), dict) else value
+    return "sources" in init
+
+
+def _config_has_sources(value: str) -> bool:
+    recipe, base = _load_yaml(value, Path.cwd())
+    if not isinstance(recipe, dict):
+        return False
+    recipe = recipe.get("fit", recipe) if isinstance(recipe.get("fit"), dict) else recipe
+    return "data" in recipe and _data_has_sources(recipe["data"], base)
 
 
 def _tokenizer_of(datamodule):

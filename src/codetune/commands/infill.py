@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from codetune.checkpoints import load_trained
+from codetune.checkpoints.trained import peek_trained
 from codetune.data.repository import dependency_order
 from codetune.eval.infilling import RepoContext, check_format, infill_one, require_sentinels
 
@@ -68,6 +69,7 @@ def infill(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    base_model: str | None = None,
 ) -> str:
     """Fill in the code between the contents of the ``prefix`` and ``suffix`` files; returns the middle.
 
@@ -88,6 +90,8 @@ def infill(
         max_new_tokens: Generation budget for the middle.
         temperature: Sampling temperature; 0 is greedy.
         seed: Seed of the sampling.
+        base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
+            ``codetune export``).
     """
     check_format(format)
     texts = []
@@ -97,8 +101,9 @@ def infill(
             raise FileNotFoundError(f"--{name} {file_name}: no such file")
         texts.append(file.read_text())
     repo_context = repository_context(context, prefix, repo, path) if context else None
-    model_obj, tokenizer = load_trained(model)
-    require_sentinels(tokenizer, sentinels)
+    # The FIM tokens are checked from the tokenizer, before the weights load (minutes for a 7B).
+    require_sentinels(peek_trained(model, base_model)[0], sentinels)
+    model_obj, tokenizer = load_trained(model, base_model=base_model)
     return infill_one(
         model_obj,
         tokenizer,

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from codetune.storage import atomic_folder
 log = logging.getLogger(__name__)
 
 Objective = Literal["fim", "causal", "chat"]
-CORPUS_FORMAT = 2  # 2: repository documents carry their layout
+CORPUS_FORMAT = 3  # 2: repository documents carry their layout; 3: the skipped list (skipped.jsonl) and hints
 REPEAT_STRIDE = 1 << 40
 """Pass ``k`` over a source numbers its documents from ``k * REPEAT_STRIDE``, so a repeated document gets a
 fresh FIM draw (draws are keyed by source and ordinal)."""
@@ -230,12 +230,15 @@ class CorpusReport:
     """Source name -> reason -> files or records skipped while reading."""
     curation: dict[str, Any]
     """The :class:`CurationReport` as a dict."""
+    hints: dict[str, list[str]] = field(default_factory=dict)
+    """Source name -> what to change to read what was skipped (e.g. ``set text_field: content``)."""
 
     def summary(self) -> str:
         lines = []
         for name, counts in self.skipped.items():
             shown = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "nothing"
-            lines.append(f"source {name}: skipped {shown}")
+            hints = "".join(f"; {h}" for h in self.hints.get(name, []))
+            lines.append(f"source {name}: skipped {shown}{hints}")
         c = self.curation
         removed = ", ".join(f"{k}={v}" for k, v in sorted(c["removed"].items())) or "none"
         lines.append(
@@ -311,6 +314,12 @@ class TokenizedCorpus:
         dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         return cls(dataset, encoder, CorpusReport(**meta["report"]), folder)
 
+    @property
+    def skipped_file(self) -> Path | None:
+        """The list of skipped files and records (``skipped.jsonl``) kept with the cached corpus."""
+        path = self.folder / SKIPPED_FILE
+        return path if path.is_file() else None
+
 
 def curated_documents(
     sources: Sequence[Any], curation: CurationConfig, split: Split
@@ -382,11 +391,14 @@ def _build(
         if encoder.repository is not None:
             documents = encoder.repository.run(documents)
         n = _write_documents(documents, tmp / "documents.arrow")
-        skipped = {s.name: dict(getattr(s, "skipped", SkipReport()).counts) for s in sources}
+        reports = {s.name: getattr(s, "skipped", SkipReport()) for s in sources}
+        skipped = {name: dict(r.counts) for name, r in reports.items()}
+        hints = {name: list(r.hints) for name, r in reports.items() if r.hints}
+        write_skipped(tmp / SKIPPED_FILE, reports)
         if n == 0:
             raise ValueError(
                 "data: no documents left after curation; "
-                + CorpusReport(skipped, asdict(report)).summary().replace("\n", "; ")
+                + CorpusReport(skipped, asdict(report), hints).summary().replace("\n", "; ")
             )
         raw = datasets.Dataset.from_file(str(tmp / "documents.arrow"))
         seen = set(raw.unique("source"))
@@ -422,8 +434,27 @@ def _build(
         files = [os.path.basename(f["filename"]) for f in tokenized.cache_files]
         del raw, tokenized
         (tmp / "documents.arrow").unlink()
-        meta = {"files": files, "report": asdict(CorpusReport(skipped, asdict(report))), "documents": n}
+        meta = {
+            "files": files,
+            "report": asdict(CorpusReport(skipped, asdict(report), hints)),
+            "documents": n,
+        }
         (tmp / "manifest.json").write_text(json.dumps(meta, indent=1))
+
+
+SKIPPED_FILE = "skipped.jsonl"
+"""Every file or record the sources skipped, one JSON object a line: ``source``, ``reason``, ``where``."""
+
+
+def write_skipped(path: Path, reports: dict[str, SkipReport]) -> int:
+    """Write the skipped locations of every source to ``path``; returns how many lines were written."""
+    lines = [
+        json.dumps({"source": name, "reason": reason, "where": where})
+        for name, report in reports.items()
+        for reason, where in report.listed
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
 
 
 class _quiet_datasets:
@@ -481,6 +512,7 @@ def default_objective(source: Any, fim_enabled: bool) -> Objective:
 
 __all__ = [
     "REPEAT_STRIDE",
+    "SKIPPED_FILE",
     "CorpusReport",
     "DocumentEncoder",
     "Objective",

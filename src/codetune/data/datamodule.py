@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import warnings
 from dataclasses import asdict
 from typing import Any, Literal
@@ -66,6 +68,47 @@ _LOCAL_SUFFIXES = {
     ChatFiles: (".jsonl", ".jsonl.gz"),
     ParquetFiles: (".parquet",),
 }
+
+
+def _recorded_path(source: Any) -> str:
+    """A source's location as the record keeps it: absolute when it is a local path, else as given."""
+    path = str(getattr(source, "path", ""))
+    if path.startswith("@") or "://" in path:
+        return path
+    local = os.path.expanduser(path)
+    return os.path.abspath(local) if os.path.exists(local) or isinstance(source, CodeFiles) else path
+
+
+def _warn_fim_not_applied(
+    sources: list[Any], given: dict[str, str] | None, resolved: dict[str, str], fim: FIMConfig | None
+) -> None:
+    """Say, before any data is read, which sources train without the module's FIM objective: only code trees
+    default to ``fim``; JSONL, Parquet and datasets could hold anything and need ``objectives`` to say so."""
+    if fim is None:
+        return
+    for source in sources:
+        if resolved[source.name] != "causal" or source.name in (given or {}):
+            continue
+        log.warning(
+            "data.sources[%s] (%s) trains plain causal LM, not FIM, although data.fim is set: only code trees "
+            "default to FIM; if it is code, set data.objectives: {%s: fim} (or {%s: causal} to silence this)",
+            source.name,
+            type(source).__name__,
+            source.name,
+            source.name,
+        )
+
+
+def no_validation_note(train_documents: int, val_fraction: float) -> str:
+    """The warning for a split that left no validation documents, with a ``val_fraction`` that holds some out."""
+    total = max(train_documents, 1)
+    # The split hashes each document, so a fraction f holds out about f * n: ask for about two (at most half).
+    suggested = min(0.5, math.ceil(200 / total) / 100)
+    return (
+        f"train {train_documents} documents, validation 0 (data.split.val_fraction={val_fraction}): this run has "
+        f"no validation loss; set data.split.val_fraction={suggested:g} to hold out about "
+        f"{max(1, round(suggested * train_documents))} (or add documents)"
+    )
 
 
 class _Rows(Dataset):
@@ -188,6 +231,7 @@ class CodeDataModule(L.LightningDataModule):
         self.objectives: dict[str, Objective] = {
             s.name: (objectives or {}).get(s.name) or default_objective(s, fim is not None) for s in sources
         }
+        _warn_fim_not_applied(sources, objectives, self.objectives, fim)
         self.mix = mix or MixConfig()
         self.split = split or Split()
         self.curation = curation or CurationConfig()
@@ -349,6 +393,9 @@ class CodeDataModule(L.LightningDataModule):
         else:
             self.val_rows = []
         log.info("data:\n%s", "\n".join(self.summary_lines()))
+        splits = corpus.report.curation["splits"]
+        if splits["validation"] == 0:
+            log.warning("data: %s", no_validation_note(splits["train"], self.split.val_fraction))
 
     def _natural_weights(self, split: str) -> dict[str, float]:
         assert self.corpus is not None
@@ -410,6 +457,38 @@ class CodeDataModule(L.LightningDataModule):
         if self.train_rows is not None:
             lines.extend("train " + line for line in self.train_rows.summary.lines(self.objectives))
         return lines
+
+    def record(self) -> dict[str, Any]:
+        """What this data module resolved to, for the run's record (``fit_summary.json``) and the model card:
+        each source's class, location and objective, the FIM settings that were applied, curation as configured
+        and as it came out, and what was skipped."""
+        fim_used = "fim" in self.objectives.values()
+        record: dict[str, Any] = {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "sources": [
+                {
+                    "name": s.name,
+                    "class_path": f"{type(s).__module__}.{type(s).__qualname__}",
+                    "path": _recorded_path(s),
+                    "objective": self.objectives[s.name],
+                    **({"license": s.license} if getattr(s, "license", None) else {}),
+                    **({"repository_documents": s.repository_documents} if isinstance(s, GitRepos) else {}),
+                }
+                for s in self.sources
+            ],
+            "fim": asdict(self.fim) if self.fim is not None and fim_used else None,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "curation": asdict(self.curation),
+            "split": asdict(self.split),
+            "streaming": self.streaming,
+        }
+        if self.corpus is not None:
+            report = self.corpus.report
+            record["curated"] = {k: report.curation[k] for k in ("seen", "removed", "splits")}
+            record["skipped"] = report.skipped
+            record["hints"] = report.hints
+        return record
 
     @property
     def train_summary(self) -> RowSummary | None:

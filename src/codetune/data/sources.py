@@ -80,13 +80,22 @@ class Source(Protocol):
     def documents(self) -> Iterator[Document]: ...
 
 
+MAX_LISTED_SKIPS = 100_000
+"""Skipped locations kept per source for the run's ``skipped.jsonl`` (the counts are always complete)."""
+
+
 @dataclass
 class SkipReport:
-    """What a source skipped and why: reason -> count, with a few example locations per reason."""
+    """What a source skipped and why: reason -> count, a few example locations per reason for one-line reports,
+    every location (up to :data:`MAX_LISTED_SKIPS`) for the run's list of skipped files, and hints on a likely
+    fix (e.g. the field the records hold their text in)."""
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
+    listed: list[tuple[str, str]] = field(default_factory=list)
+    """``(reason, location)`` of each skipped item that has a location, in the order skipped."""
+    hints: list[str] = field(default_factory=list)
 
     def add(self, reason: str, where: str | None = None, n: int = 1) -> None:
         """Count ``n`` items skipped for ``reason``; remember ``where`` as an example."""
@@ -95,10 +104,18 @@ class SkipReport:
             shown = self.examples.setdefault(reason, [])
             if len(shown) < self.max_examples:
                 shown.append(where)
+            if len(self.listed) < MAX_LISTED_SKIPS:
+                self.listed.append((reason, where))
+
+    def hint(self, text: str) -> None:
+        if text not in self.hints:
+            self.hints.append(text)
 
     def clear(self) -> None:
         self.counts.clear()
         self.examples.clear()
+        self.listed.clear()
+        self.hints.clear()
 
     def summary(self) -> str:
         """One line: ``binary=2 (a.bin, b.bin), not_utf8=1 (x.py)`` or ``nothing skipped``."""
@@ -109,7 +126,16 @@ class SkipReport:
             shown = self.examples.get(reason)
             extra = f" ({', '.join(shown)})" if shown else ""
             parts.append(f"{reason}={self.counts[reason]}{extra}")
-        return ", ".join(parts)
+        return ", ".join(parts) + "".join(f"; {h}" for h in self.hints)
+
+
+def text_field_hint(record: dict[str, Any], text_field: str) -> str:
+    """What to set when a record lacks ``text_field`` but holds its text under another key (``content``, ...)."""
+    strings = [k for k, v in record.items() if isinstance(v, str) and k != text_field]
+    if not strings:
+        return f"the records have no string field besides {sorted(record)}"
+    best = max(strings, key=lambda k: len(record[k]))  # the text is the longest string, not the id or path
+    return f"the records hold strings under {strings[:5]}: set text_field: {best}"
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -421,7 +447,10 @@ class JsonlFiles:
             text = record.get(self.text_field)
             if not isinstance(text, str):
                 what = "missing" if text is None else f"a {type(text).__name__}, not a string"
-                self._bad("missing_text", where, f"field {self.text_field!r} is {what}")
+                hint = text_field_hint(record, self.text_field)
+                if self.on_error == "skip" and "missing_text" not in self.skipped.counts:
+                    self.skipped.hint(f"missing_text: {hint}")
+                self._bad("missing_text", where, f"field {self.text_field!r} is {what} ({hint})")
                 continue
             if self.id_field is not None and record.get(self.id_field) is None:
                 self._bad("missing_id", where, f"id field {self.id_field!r} is missing")

@@ -1,14 +1,18 @@
 """The model card (README.md) an export carries: what the model is, how it was trained, how to prompt it.
 
-Everything in it is read from the checkpoint and the run directory (``config.yaml``, ``eval/*.json``); what
-was not recorded is said to be unknown rather than guessed. The recipe is included with secrets stripped.
+Every statement comes from what the run recorded: the checkpoint (model spec, tokenizer, step), the run's
+``fit_summary.json`` (the resolved data module — each source's class, location and objective, the FIM settings
+applied, decontamination as it ran and what it removed —, the fit's validation losses, the Throughput counters,
+the hardware) and the eval results, which the export copies into its own ``eval/`` so every file the card names
+is in the folder. Nothing is inferred by searching the recipe for keys; what was not recorded is said to be
+unknown. The recipe (``config.yaml``) is included verbatim with secrets stripped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +22,7 @@ from typing import Any
 import yaml
 
 from codetune.checkpoints.format import TrainedCheckpoint
+from codetune.checkpoints.locate import FIT_SUMMARY
 from codetune.data.fim import format_infill_prompt, format_repository_infill_prompt
 from codetune.data.repository import RepoTokens, repo_tokens
 from codetune.data.tokenizer import FIMSentinels, fim_sentinels
@@ -48,7 +53,10 @@ class CardFacts:
     adaptation: str
     """How the weights were trained and exported, in one phrase."""
     base_model: str | None = None
-    """``model.name_or_path`` (None: trained from a config, from scratch)."""
+    """What the run started from, as the card states it: a Hub id, or a description of a local model (never a
+    local path, which means nothing to a reader of the card). None: trained from a config, from scratch."""
+    base_hub_id: str | None = None
+    """The base's Hub id, for the metadata (only when it is one)."""
     adapter_only: bool = False
     adapter_parameters: int = 0
     """Trained adapter parameters (LoRA/DoRA weights, new token rows); 0 for full fine-tuning."""
@@ -58,19 +66,26 @@ class CardFacts:
     rope_parameters: dict[str, Any] | None = None
     sentinels: FIMSentinels | None = None
     fim: dict[str, Any] | None = None
-    """The recipe's FIM objective settings, when it has one."""
+    """The FIM settings the run applied (None: no source trained the FIM objective)."""
     repository_level: bool = False
-    """The recipe trained on repository-level documents (a git source with ``repository_documents``)."""
+    """The run trained on repository-level documents (a git source with ``repository_documents``)."""
     repo_tokens: RepoTokens | None = None
     """The repository and file tokens the tokenizer carries."""
     sources: list[dict[str, str]] = field(default_factory=list)
-    """Training data: ``name``, ``kind``, ``location``, ``provenance``."""
+    """Training data: ``name``, ``kind``, ``location``, ``objective``, ``provenance``."""
+    recorded: bool = False
+    """The run left its record (``fit_summary.json``); without it data and training are "not recorded"."""
     tokens_seen: int | None = None
+    """Token positions trained on (Throughput counter, padding included)."""
+    real_tokens: int | None = None
     decontamination: dict[str, Any] | None = None
     hardware: dict[str, Any] = field(default_factory=dict)
     train_seconds: float | None = None
     global_step: int | None = None
+    val_loss: dict[str, Any] = field(default_factory=dict)
+    """``before`` / ``after`` the fit, and ``by_source``, as the fit measured them."""
     eval_results: list[dict[str, Any]] = field(default_factory=list)
+    """Each with ``file``: its path inside the export folder."""
     recipe: dict[str, Any] | None = None
     """The run's config.yaml, secrets stripped."""
     license: str | None = None
@@ -91,8 +106,22 @@ def read_recipe(run_dir: Path | None) -> dict[str, Any] | None:
     return recipe if isinstance(recipe, dict) else None
 
 
+def read_fit_record(run_dir: Path | None) -> dict[str, Any] | None:
+    """The run's record (``fit_summary.json``, written at the end of ``codetune fit``), or None."""
+    path = run_dir / FIT_SUMMARY if run_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        log.warning("%s is not valid JSON (%s); the card says the run's record is missing", path, err)
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_eval_results(run_dir: Path | None) -> list[dict[str, Any]]:
-    """Eval result files of the run (``eval/**/*.json``, as ``codetune eval`` writes them), oldest first."""
+    """Eval result files of the run (``eval/**/*_results.json``, as ``codetune eval`` writes them), oldest first;
+    ``path`` is where each is, ``file`` where the export puts its copy."""
     if run_dir is None or not (run_dir / "eval").is_dir():
         return []
     results = []
@@ -103,51 +132,55 @@ def read_eval_results(run_dir: Path | None) -> list[dict[str, Any]]:
             log.warning("skipping eval file %s: %s", path, err)
             continue
         if isinstance(data, dict):
-            results.append({"file": str(path.relative_to(run_dir)), **data})
+            results.append({"file": str(path.relative_to(run_dir)), "path": str(path), **data})
     return results
 
 
-def train_seconds(run_dir: Path | None, checkpoint: Path) -> float | None:
-    """Wall-clock estimate from run start (``config.yaml`` is written when fit starts) to the checkpoint."""
-    start = run_dir / "config.yaml" if run_dir is not None else None
-    if start is None or not start.is_file() or not checkpoint.exists():
-        return None
-    seconds = checkpoint.stat().st_mtime - start.stat().st_mtime
-    return seconds if seconds > 0 else None
+def copy_eval_results(facts: CardFacts, folder: Path) -> None:
+    """Copy the results files the card names into the export (``eval/...``), so every link on it resolves."""
+    for result in facts.eval_results:
+        target = folder / result["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result["path"], target)
 
 
-def data_sources(recipe: dict[str, Any] | None) -> list[dict[str, str]]:
-    """The training sources named in the recipe's data section, with what is known of their licences."""
-    data = (recipe or {}).get("data")
+def repository_level(record: dict[str, Any] | None) -> bool:
+    """Whether the run's data had a git source joining files into repository documents (their default)."""
+    return any(
+        str(source.get("class_path", "")).endswith("GitRepos")
+        and source.get("repository_documents", True) is not False
+        for source in ((record or {}).get("data") or {}).get("sources", [])
+    )
+
+
+def recorded_sources(record: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The training sources as the run resolved them: class, location, objective, and what is known of licences."""
     found: list[dict[str, str]] = []
-    for kind, fields in _source_entries(data):
-        location = str(fields.get("path"))
+    for source in ((record or {}).get("data") or {}).get("sources", []):
+        kind = str(source.get("class_path", "")).rsplit(".", 1)[-1] or "unknown"
+        location = str(source.get("path"))
         found.append(
             {
-                "name": str(fields.get("name") or kind),
+                "name": str(source.get("name")),
                 "kind": kind,
-                "location": location,
-                "provenance": _provenance(kind, location, fields),
+                "location": _shown_location(kind, location),
+                "objective": str(source.get("objective", "unknown")),
+                "provenance": _provenance(kind, location, source),
+                **({"hub_id": location} if kind == "HFDataset" and not _is_local(location) else {}),
             }
         )
     return found
 
 
-def _source_entries(node: Any, kind: str | None = None):
-    """(kind, fields) for every dict with a ``path`` in the data section; the tokenizer's corpus is not data."""
-    if isinstance(node, dict):
-        if "class_path" in node and isinstance(node.get("init_args"), dict):
-            yield from _source_entries(node["init_args"], str(node["class_path"]).rsplit(".", 1)[-1])
-            return
-        if isinstance(node.get("path"), str):
-            yield kind or "CodeFiles", node
-            return
-        for key, value in node.items():
-            if key != "tokenizer":
-                yield from _source_entries(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _source_entries(item)
+def _is_local(location: str) -> bool:
+    return Path(location).expanduser().is_absolute() or Path(location).expanduser().exists()
+
+
+def _shown_location(kind: str, location: str) -> str:
+    """``@stdlib`` and Hub ids as they are; a local path by its last part only (the card is for other readers)."""
+    if location == "@stdlib" or not _is_local(location):
+        return f"`{location}`"
+    return f"local {'folder' if kind == 'CodeFiles' else 'files'} `{Path(location).name}`"
 
 
 def _provenance(kind: str, location: str, fields: dict[str, Any]) -> str:
@@ -155,89 +188,55 @@ def _provenance(kind: str, location: str, fields: dict[str, Any]) -> str:
         return f"licence given in the recipe: {fields['license']}"
     if location == "@stdlib":
         return STDLIB_PROVENANCE
-    if kind == "HFDataset":
+    if kind == "HFDataset" and not _is_local(location):
         return f"Hugging Face dataset `{location}`; see https://huggingface.co/datasets/{location} for its licence"
-    return "local files; licence not recorded in the recipe"
+    return "local files; licence not recorded"
 
 
-def repository_level(recipe: dict[str, Any] | None) -> bool:
-    """Whether the recipe's data has a git source joining files into repository documents (the default)."""
-    return any(
-        kind == "GitRepos" and fields.get("repository_documents", True) is not False
-        for kind, fields in _source_entries((recipe or {}).get("data"))
-    )
-
-
-def find_key(node: Any, key: str) -> Any:
-    """The first value stored under ``key`` anywhere in a nested recipe (depth first), else None."""
-    if isinstance(node, dict):
-        if key in node:
-            return node[key]
-        node = list(node.values())
-    if isinstance(node, list):
-        for item in node:
-            value = find_key(item, key)
-            if value is not None:
-                return value
-    return None
-
-
-def fim_settings(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The FIM objective settings in the recipe's data section (a dict holding ``fim_rate``), if any."""
-
-    def search(node: Any) -> dict[str, Any] | None:
-        if isinstance(node, dict):
-            if "fim_rate" in node:
-                return node
-            node = list(node.values())
-        if isinstance(node, list):
-            for item in node:
-                if (hit := search(item)) is not None:
-                    return hit
+def recorded_decontamination(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Decontamination as the run applied it (settings and documents removed), or None when not recorded."""
+    data = (record or {}).get("data") or {}
+    curation = data.get("curation")
+    if not isinstance(curation, dict) or "decontaminate" not in curation:
         return None
-
-    return search((recipe or {}).get("data"))
-
-
-def decontamination(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The recipe's decontamination settings (codetune curation), or None when it records none."""
-    flag = find_key((recipe or {}).get("data"), "decontaminate")
-    if flag is None:
-        return None
-    data = recipe.get("data")
+    curated = data.get("curated")
     return {
-        "applied": bool(flag),
-        "sets": find_key(data, "decontamination_sets"),
-        "ngram": find_key(data, "decontamination_ngram"),
+        "applied": bool(curation["decontaminate"]),
+        "sets": curation.get("decontamination_sets"),
+        "ngram": curation.get("decontamination_ngram"),
+        # Streaming runs make no full pass, so they have no count.
+        "removed": (curated.get("removed") or {}).get("contaminated", 0) if curated else None,
     }
 
 
-def tokens_seen(recipe: dict[str, Any] | None, global_step: int | None) -> int | None:
-    """Token positions trained on: steps × batch × seq_len × accumulation × devices × nodes (padding included)."""
-    if not recipe or not global_step:
-        return None
-    trainer = recipe.get("trainer") or {}
-    factors = [
-        global_step,
-        find_key(recipe.get("data"), "batch_size"),
-        find_key(recipe.get("data"), "seq_len"),
-        trainer.get("accumulate_grad_batches") or 1,
-        trainer.get("devices"),
-        trainer.get("num_nodes") or 1,
-    ]
-    if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in factors):
-        return None
-    total = 1
-    for f in factors:
-        total *= f
-    return total
+def describe_base(name: str | None, revision: str | None = None) -> tuple[str | None, str | None]:
+    """``(what the card says the base is, its Hub id)`` for a recorded ``model.name_or_path``: a Hub id (with the
+    revision the run pinned); an earlier codetune run or a local model folder by what they are and their Hub id
+    when they record one; never the local path."""
+    if not name:
+        return None, None
+    local = Path(name).expanduser()
+    if not local.is_absolute() and not local.exists():  # a Hub id
+        return (f"{name} (revision {revision[:12]})" if revision else name), name
+    config = local / "config.json"
+    if config.is_file():
+        try:
+            origin = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            origin = None
+        if isinstance(origin, str) and origin and not _is_local(origin):
+            return f"{origin} (a local copy)", origin
+        return f"a local model folder ({local.name})", None
+    return f"an earlier codetune run ({_run_name(local)})", None
 
 
-def hardware(recipe: dict[str, Any] | None) -> dict[str, Any]:
-    """The Trainer's device settings as recorded in the recipe (the exact GPU model is not recorded)."""
-    trainer = (recipe or {}).get("trainer") or {}
-    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
-    return {k: trainer[k] for k in keys if trainer.get(k) is not None}
+def _run_name(path: Path) -> str:
+    """``quickstart`` for ``.../runs/quickstart/lightning_logs/version_0/checkpoints/last.ckpt`` or the run folder."""
+    parts = path.parts
+    if "lightning_logs" in parts:
+        index = len(parts) - 1 - parts[::-1].index("lightning_logs")
+        return parts[index - 1] if index > 0 else path.name
+    return path.stem if path.suffix == ".ckpt" else path.name
 
 
 # ---- rendering --------------------------------------------------------------------------------------------
@@ -255,9 +254,9 @@ def render_card(facts: CardFacts, secrets: tuple[str, ...] = (), extra_sections:
         "pipeline_tag": "text-generation",
         "tags": ["codetune", "code"] + (["fill-in-the-middle"] if facts.sentinels else []),
     }
-    if facts.base_model and _looks_like_hub_id(facts.base_model):
-        meta["base_model"] = facts.base_model
-    hf_datasets = [s["location"] for s in facts.sources if s["kind"] == "HFDataset"]
+    if facts.base_hub_id:
+        meta["base_model"] = facts.base_hub_id
+    hf_datasets = [s["hub_id"] for s in facts.sources if s.get("hub_id")]
     if hf_datasets:
         meta["datasets"] = hf_datasets
     parts = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", ""]
@@ -274,27 +273,21 @@ def render_card(facts: CardFacts, secrets: tuple[str, ...] = (), extra_sections:
         "## Limitations",
         "",
         "Generated code can be wrong, insecure or copied from training data; review and test it before use. "
-        "The evaluation numbers above (if any) are the only measurements of this model's quality that codetune "
-        "recorded.",
+        "The validation losses and evaluation numbers above (where given) are the only measurements of this "
+        "model's quality that codetune recorded.",
         "",
     ]
     return redact_text("\n".join(parts), secrets)
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not Path(name).expanduser().exists()
-
-
 def _summary(facts: CardFacts) -> str:
-    base = (
-        f"`{facts.base_model}`" if facts.base_model else f"a freshly initialised `{facts.model_type}` config"
-    )
+    base = facts.base_model if facts.base_model else f"a freshly initialised `{facts.model_type}` config"
     return f"A code language model trained with codetune from {base}: {facts.adaptation}."
 
 
 def _model_section(facts: CardFacts) -> list[str]:
     rows = [
-        ("Base model", f"`{facts.base_model}`" if facts.base_model else "none (trained from a config)"),
+        ("Base model", facts.base_model or "none (trained from a config)"),
         ("Architecture", f"`{facts.model_type}`, {facts.num_parameters:,} parameters"),
         *(
             [("Adapter", f"{facts.adapter_parameters:,} trained parameters")]
@@ -317,7 +310,7 @@ def _model_section(facts: CardFacts) -> list[str]:
 
 def _usage_section(facts: CardFacts) -> list[str]:
     if facts.adapter_only:
-        base = facts.base_model or "BASE_MODEL"
+        base = facts.base_hub_id or "BASE_MODEL"
         code = [
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -362,14 +355,20 @@ def _fim_section(facts: CardFacts) -> list[str]:
             "",
         ]
     if facts.fim:
+        fim_sources = ", ".join(src["name"] for src in facts.sources if src["objective"] == "fim")
         trained = (
-            f"This run trained the FIM objective: rate {facts.fim.get('fim_rate')}, "
+            f"This run trained the FIM objective on {fim_sources}: rate {facts.fim.get('fim_rate')}, "
             f"SPM share {facts.fim.get('spm_rate')}, {facts.fim.get('level', 'document')}-level split."
+        )
+    elif facts.recorded:
+        trained = (
+            "The tokenizer carries the sentinels, but no source of this run trained the FIM objective: "
+            "infilling works only as well as the base model (or an earlier FIM stage) taught it."
         )
     else:
         trained = (
-            "The tokenizer carries the sentinels, but this run's recipe records no FIM objective: infilling works "
-            "only as well as the base model (or an earlier FIM stage) taught it."
+            "The tokenizer carries the sentinels; whether this run trained the FIM objective was not recorded "
+            "(no fit_summary.json in the run)."
         )
     psm = format_infill_prompt(_EXAMPLE_PREFIX, _EXAMPLE_SUFFIX, "psm", s)
     spm = format_infill_prompt(_EXAMPLE_PREFIX, _EXAMPLE_SUFFIX, "spm", s)
@@ -453,29 +452,30 @@ def _data_section(facts: CardFacts) -> list[str]:
     lines = ["## Training data", ""]
     if facts.sources:
         lines += _table(
-            ("source", "kind", "location", "licence / provenance"),
-            [(s["name"], s["kind"], f"`{s['location']}`", s["provenance"]) for s in facts.sources],
+            ("source", "kind", "location", "objective", "licence / provenance"),
+            [(s["name"], s["kind"], s["location"], s["objective"], s["provenance"]) for s in facts.sources],
         )
     else:
-        lines.append("Not recorded (no run `config.yaml` next to the checkpoint).")
+        lines.append("Not recorded (the run has no `fit_summary.json`).")
     lines.append("")
     if facts.tokens_seen:
+        real = f" ({facts.real_tokens:,} of them real, not padding)" if facts.real_tokens is not None else ""
         lines += [
-            f"Tokens trained on: about {facts.tokens_seen:,} token positions (steps × batch × sequence length × "
-            "accumulation × devices; padding included).",
+            f"Tokens trained on: {facts.tokens_seen:,} token positions{real}, counted during the fit.",
             "",
         ]
     d = facts.decontamination
     if d is None:
-        lines.append("Decontamination: none recorded in the recipe.")
+        lines.append("Decontamination: not recorded.")
     elif d["applied"]:
         sets = ", ".join(d["sets"] or []) or "the configured benchmarks"
         ngram = f"{d['ngram']}-gram" if d.get("ngram") else "n-gram"
+        removed = f" ({d['removed']:,} removed)" if d.get("removed") is not None else ""
         lines.append(
-            f"Decontamination: documents sharing a {ngram} with {sets} were removed before training."
+            f"Decontamination: documents sharing a {ngram} with {sets} were removed before training{removed}."
         )
     else:
-        lines.append("Decontamination: turned off in the recipe (`decontaminate: false`).")
+        lines.append("Decontamination: turned off for this run (`decontaminate: false`).")
     return [*lines, ""]
 
 
@@ -484,22 +484,28 @@ def _training_section(facts: CardFacts) -> list[str]:
     if facts.global_step is not None:
         rows.append(("Optimizer steps", f"{facts.global_step:,}"))
     if facts.hardware:
-        rows.append(("Hardware (recipe)", ", ".join(f"{k}={v}" for k, v in facts.hardware.items())))
+        rows.append(("Hardware", ", ".join(f"{k}={v}" for k, v in facts.hardware.items())))
     if facts.train_seconds is not None:
-        rows.append(("Wall-clock time", f"about {_duration(facts.train_seconds)} (run start to checkpoint)"))
+        rows.append(
+            ("Training time", f"{_duration(facts.train_seconds)} (the fit, without data preparation)")
+        )
     if not rows:
         return ["## Training", "", "Not recorded.", ""]
     return ["## Training", "", *_table(("", ""), rows), ""]
 
 
 def _eval_section(facts: CardFacts) -> list[str]:
+    lines = ["## Evaluation", ""]
+    loss = facts.val_loss
+    if loss.get("after") is not None:
+        before = f"{loss['before']:.4f} before training, " if loss.get("before") is not None else ""
+        lines.append(f"Validation loss on the run's held-out split: {before}{loss['after']:.4f} after.")
+        for name, values in (loss.get("by_source") or {}).items():
+            was = f"{values['before']:.4f} -> " if values.get("before") is not None else ""
+            lines.append(f"- {name}: {was}{values['after']:.4f}")
+        lines.append("")
     if not facts.eval_results:
-        return [
-            "## Evaluation",
-            "",
-            "No evaluation results were found in the run directory (`eval/*.json`).",
-            "",
-        ]
+        return [*lines, "No `codetune eval` results were found in the run directory.", ""]
     rows = []
     for result in facts.eval_results:
         notes = _scored_checkpoint(result)
@@ -509,8 +515,8 @@ def _eval_section(facts: CardFacts) -> list[str]:
             tasks = "" if score.num_tasks is None else str(score.num_tasks)
             row = (score.benchmark, score.metric, f"{score.value:.4g}", score.task_set, tasks, score.decoding)
             rows.append((*row, "; ".join(notes), f"`{score.file}`"))
-    header = ("benchmark", "metric", "value", "task set", "tasks", "decoding", "", "file")
-    return ["## Evaluation", "", *_table(header, rows), ""]
+    header = ("benchmark", "metric", "value", "task set", "tasks", "decoding", "", "file (in this folder)")
+    return [*lines, *_table(header, rows), ""]
 
 
 def _scored_checkpoint(result: dict[str, Any]) -> list[str]:
@@ -571,13 +577,21 @@ def gather_facts(
     title: str,
     license: str | None,
     vocab_grew: bool = False,
+    base_model: str | None = None,
 ) -> CardFacts:
-    """What the card states, read from the checkpoint, the rebuilt model and the run directory."""
+    """What the card states, read from the checkpoint, the rebuilt model and the run's record
+    (``base_model``: the ``--base_model`` the export used in place of the recorded one)."""
     run_dir = checkpoint.location.run_dir
     recipe = read_recipe(run_dir)
+    record = read_fit_record(run_dir)
+    data = (record or {}).get("data") or {}
     config = model.config
     rope = getattr(config, "rope_parameters", None)
     adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad) if _is_peft(model) else 0
+    revision = (checkpoint.spec.extra or {}).get("revision") if base_model is None else None
+    base, hub_id = describe_base(base_model or checkpoint.spec.name_or_path, revision)
+    tokens = (record or {}).get("tokens") or {}
+    loss = (record or {}).get("val_loss") or {}
     return CardFacts(
         title=title,
         model_type=config.model_type,
@@ -589,20 +603,24 @@ def gather_facts(
         tokenizer_size=len(checkpoint.tokenizer),
         export_dtype=dtype,
         adaptation=describe_adaptation(checkpoint.spec, adapter_only),
-        base_model=checkpoint.spec.name_or_path,
+        base_model=base,
+        base_hub_id=hub_id,
         adapter_only=adapter_only,
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
         rope_parameters=dict(rope) if isinstance(rope, dict) else None,
         sentinels=fim_sentinels(checkpoint.tokenizer),
-        fim=fim_settings(recipe),
-        repository_level=repository_level(recipe),
+        fim=data.get("fim"),
+        repository_level=repository_level(record),
         repo_tokens=repo_tokens(checkpoint.tokenizer),
-        sources=data_sources(recipe),
-        tokens_seen=tokens_seen(recipe, checkpoint.global_step),
-        decontamination=decontamination(recipe),
-        hardware=hardware(recipe),
-        train_seconds=train_seconds(run_dir, checkpoint.location.path),
+        sources=recorded_sources(record),
+        recorded=record is not None,
+        tokens_seen=tokens.get("total"),
+        real_tokens=tokens.get("real"),
+        decontamination=recorded_decontamination(record),
+        hardware=(record or {}).get("hardware") or {},
+        train_seconds=(record or {}).get("fit_seconds"),
         global_step=checkpoint.global_step,
+        val_loss={**loss, "by_source": (record or {}).get("val_loss_by_source") or {}},
         eval_results=read_eval_results(run_dir),
         recipe=strip_secrets(recipe, known_secrets()) if recipe is not None else None,
         license=license,

@@ -252,6 +252,15 @@ def check_tokenizer_extends(base_vocab: dict[str, int], tokenizer, base: str) ->
         )
 
 
+def absolute_base(name_or_path: str | None) -> str | None:
+    """``model.name_or_path`` as a run records it: a local folder or checkpoint as an absolute path (so the run
+    works from any directory), a Hub id unchanged (its revision is recorded once loaded)."""
+    if not name_or_path:
+        return name_or_path
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.exists() else name_or_path
+
+
 def _check_hub_id(name: str, extra: dict[str, Any] | None = None) -> None:
     """Fail now, before any data is built, for a ``name_or_path`` that is neither on disk nor obtainable."""
     from huggingface_hub import constants, try_to_load_from_cache

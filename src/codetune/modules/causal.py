@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from codetune.checkpoints.format import add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.format import MODEL_HPARAM, add_tokenizer, check_checkpoint_fits, hyperparameters
 from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
-from codetune.model.build import ModelSpec
+from codetune.model.build import ModelSpec, absolute_base
 from codetune.model.sharding import shard_model
 from codetune.seeding import run_seed
 from codetune.strategies import check_fsdp_only, sharding_options
@@ -46,8 +47,11 @@ class CausalLM(L.LightningModule):
         """
         super().__init__()
         spec = ModelSpec(**model) if isinstance(model, dict) else model
-        # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically.
-        self.spec = replace(spec, init_seed=run_seed(spec.init_seed))
+        # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically; so is
+        # the base as an absolute path, so the run's checkpoint works from any directory (issue 14 #2).
+        self.spec = replace(
+            spec, init_seed=run_seed(spec.init_seed), name_or_path=absolute_base(spec.name_or_path)
+        )
         self.spec.validate()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -74,7 +78,19 @@ class CausalLM(L.LightningModule):
 
     def build_model(self):
         """Load the model (or continue a codetune run's); stages extend this (e.g. to log what was built)."""
-        return build_training_model(self.spec, self.tokenizer)
+        model = build_training_model(self.spec, self.tokenizer)
+        self.record_hub_revision(model)
+        return model
+
+    def record_hub_revision(self, model) -> None:
+        """Pin a Hub base to the commit it was loaded from (unless the recipe pinned one), in the spec and the
+        checkpoint's hyperparameters: a later export or eval rebuilds from the same weights, not a newer push."""
+        name = self.spec.name_or_path
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        if not name or Path(name).expanduser().exists() or "revision" in self.spec.extra or not commit:
+            return
+        self.spec.extra["revision"] = commit
+        self.hparams[MODEL_HPARAM]["extra"]["revision"] = commit
 
     def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self.model(
