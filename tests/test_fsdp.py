@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,13 +62,15 @@ def tiny_run(
     kill_at_step: int | None = None,
     kill_in_save: int | None = None,
     ckpt_path: str | None = None,
+    validate_first: bool = False,
 ) -> dict:
     """Train the tiny Llama for ``steps`` global batches of :data:`GLOBAL_BATCH` rows; returns what the tests check.
 
     Each rank reads every ``devices``-th row of each global batch (a fixed, resumable loader), so any number of
     processes sees the same global batches in the same order. ``qlora_base``: a saved tiny Llama loaded as a
     4-bit NF4 base stored in bf16 with LoRA adapters. ``kill_at_step`` / ``kill_in_save`` end the process
-    with SIGKILL after that optimizer step / inside that save (numbered from 1).
+    with SIGKILL after that optimizer step / inside that save (numbered from 1). ``validate_first``: validate
+    before fitting, as ``codetune fit`` does.
     """
     import lightning as L
     from torch.utils.data import DataLoader, DistributedSampler
@@ -113,7 +117,15 @@ def tiny_run(
 
     class Record(L.Callback):
         def __init__(self):
-            self.losses, self.saves = [], 0
+            self.losses, self.saves, self.grad_norms = [], 0, []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            squares = sum((g.float() ** 2).sum() for g in local)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(squares)
+            self.grad_norms.append(float(squares) ** 0.5)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             loss = outputs["loss"].detach().clone()
@@ -136,7 +148,12 @@ def tiny_run(
         spec.adapter = Adapter(method="lora", r=8, alpha=16, dropout=0.0)
         spec.quantization = Quantization(quant_storage="bfloat16", compute_dtype="bfloat16")
     L.seed_everything(0)
-    module = CausalLM(model=spec, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+    # A QLoRA run carries a tokenizer (of the model's 128 ids), so its checkpoint exports like a real run's.
+    module = CausalLM(
+        model=spec,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
+        tokenizer=_word_tokenizer() if qlora_base else None,
+    )
     record = Record()
     callbacks = [record, AtomicCheckpoint(save_last=True, every_n_train_steps=every_n_steps, save_top_k=0)]
     if rng_state:
@@ -157,8 +174,20 @@ def tiny_run(
         enable_model_summary=False,
         callbacks=callbacks,
     )
+    if validate_first:
+        trainer.validate(module, datamodule=Data(), verbose=False)
     trainer.fit(module, datamodule=Data(), ckpt_path=ckpt_path)
     return _report(trainer, module, record)
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t2", pad_token="t0"
+    )
 
 
 def _die_while_writing() -> None:
@@ -193,13 +222,28 @@ def _report(trainer, module, record) -> dict:
 
     params = dict(module.named_parameters())
     local = {n: list(p.to_local().shape) for n, p in params.items() if isinstance(p, DTensor)}
-    shards = [None] * trainer.world_size
+    # what this rank holds: how it was built, and per 4-bit layer its weight's bytes and quantization state
+    names = {id(p): n for n, p in params.items()}
+    four_bit = {
+        names[id(m.weight)]: {
+            "weights": m.in_features * m.out_features,
+            "local_bytes": m.weight.to_local().nbytes if isinstance(m.weight, DTensor) else m.weight.nbytes,
+            "quant_state": getattr(m, "quant_state", None) is not None,
+        }
+        for m in module.modules()
+        if type(m).__name__ == "Linear4bit"
+    }
+    mine = {"built_on_meta": getattr(module, "_build_on_meta", False), "four_bit": four_bit}
+    shards, ranks = [None] * trainer.world_size, [None] * trainer.world_size
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(shards, local)
+        torch.distributed.all_gather_object(ranks, mine)
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        shards, state = [local], module.state_dict()
+        shards, ranks, state = [local], [mine], module.state_dict()
     return {
+        "ranks": ranks,
+        "grad_norms": record.grad_norms,
         "losses": record.losses,
         "global_step": trainer.global_step,
         "full_shapes": {n: list(p.shape) for n, p in params.items()},
@@ -218,7 +262,7 @@ def run_processes(
     out = tmp_path / "report.pt"
     args = [sys.executable, str(Path(__file__).resolve()), "--out", str(out)]
     for key, value in options.items():
-        args += [f"--{key}", str(value)]
+        args += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     proc = subprocess.Popen(
         args,
@@ -244,6 +288,36 @@ def run_processes(
     return done, (torch.load(out, weights_only=False) if out.exists() else None)
 
 
+def evaluate_as_on_nccl() -> None:
+    """Make Lightning choose the evaluation context it chooses on GPUs. It evaluates under
+    ``torch.inference_mode`` unless the process group is gloo (``loops/utilities.py``, ``_no_grad_context``), so a
+    CPU run never meets what inference mode does to FSDP2 on NCCL; here gloo reports itself as NCCL to that
+    choice only."""
+    import types
+
+    import lightning.pytorch.loops.utilities as utilities
+    import torch.distributed as dist
+
+    class AsOnNccl(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(dist, name)
+
+        @staticmethod
+        def get_backend(*args, **kwargs):
+            return "nccl"
+
+    utilities.dist = AsOnNccl("torch.distributed")
+
+
+def _cli_main() -> None:
+    """``python tests/test_fsdp.py fit ...``: ``codetune fit ...`` with Lightning's GPU evaluation context (:func:`evaluate_as_on_nccl`); Lightning starts
+    rank 1 by running this same command line."""
+    from codetune.cli import main
+
+    evaluate_as_on_nccl()
+    main(sys.argv[1:])
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -257,8 +331,12 @@ def _main() -> None:
     parser.add_argument("--kill_at_step", type=int)
     parser.add_argument("--kill_in_save", type=int)
     parser.add_argument("--ckpt_path")
+    parser.add_argument("--validate_first", action="store_true")
+    parser.add_argument("--nccl_eval", action="store_true")
     options = vars(parser.parse_args())
     out = options.pop("out")
+    if options.pop("nccl_eval"):
+        evaluate_as_on_nccl()
     report = tiny_run(**options)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(report, out)
@@ -341,9 +419,14 @@ def test_shard_model_wraps_each_layer_then_the_root_once(one_rank_mesh):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_shards_every_parameter_and_two_processes_match_one(tmp_path):
-    one = tiny_run(tmp_path / "one", devices=1, steps=6)
-    proc, two = run_processes(tmp_path, devices=2, steps=6, root=tmp_path / "two")
+    """Also: the ranks but rank 0 build the model on the meta device and receive their shards; validating before
+    the fit under Lightning's GPU evaluation context (inference mode) leaves training intact."""
+    one = tiny_run(tmp_path / "one", devices=1, steps=6, validate_first=True)
+    proc, two = run_processes(
+        tmp_path, devices=2, steps=6, root=tmp_path / "two", validate_first=True, nccl_eval=True
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
+    assert [rank["built_on_meta"] for rank in two["ranks"]] == [False, True]
 
     # fully_shard was applied per decoder layer and at the root, and every parameter is a shard
     assert sorted(two["fsdp_modules"]) == ["model", "model.model.layers.0", "model.model.layers.1"]
@@ -380,18 +463,60 @@ def test_qlora_trains_sharded_over_two_processes(tmp_path):
     torch.manual_seed(0)
     base = tmp_path / "base"
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY)).save_pretrained(base)
-    proc, report = run_processes(tmp_path, devices=2, steps=12, qlora_base=base, every_n_steps=100)
+    proc, report = run_processes(
+        tmp_path, devices=2, steps=12, qlora_base=base, every_n_steps=12, root=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     full, shards = report["full_shapes"], report["local_shapes"]
     packed = [n for n, dtype in report["dtypes"].items() if "base_layer" in n and dtype == "torch.bfloat16"]
     assert len(packed) == 2 * 7  # every projection of both layers is 4-bit, packed in bf16 storage
     for name in packed:  # the packed 4-bit weights themselves are split between the ranks
         assert shards[0][name][0] + shards[1][name][0] == full[name][0] and shards[0][name][0] < full[name][0]
+    # After sharding and training the base is still 4-bit (no rank unsharded it into full-size tensors: axolotl
+    # #2992): every layer keeps its quantization state, and each rank holds about half of the 4-bit bytes.
+    for rank in report["ranks"]:
+        assert sorted(rank["four_bit"]) == sorted(packed) and all(
+            v["quant_state"] for v in rank["four_bit"].values()
+        )
+    four_bit_bytes = sum(v["weights"] for v in report["ranks"][0]["four_bit"].values()) // 2
+    held = [sum(v["local_bytes"] for v in rank["four_bit"].values()) for rank in report["ranks"]]
+    assert sum(held) == four_bit_bytes and all(
+        abs(h - four_bit_bytes / 2) <= 0.05 * four_bit_bytes for h in held
+    )
     assert report["trainable"] and all("lora_" in n for n in report["trainable"])
     assert all(report["dtypes"][n] == "torch.float32" for n in report["trainable"])
-    losses = report["losses"]
-    assert len(losses) == 12
+    losses, norms = report["losses"], report["grad_norms"]
+    assert len(losses) == len(norms) == 12
+    assert all(math.isfinite(x) and x > 0.1 for x in losses + norms), (losses, norms)  # not accelerate #3983
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+    # The sharded checkpoint is a QLoRA checkpoint (4-bit state saved beside the packed weights), so codetune
+    # rebuilds, exports and evaluates it: the rebuilt adapter is the one trained.
+    from codetune.checkpoints.format import checkpoint_shapes
+    from codetune.checkpoints.trained import load_trained
+    from codetune.model.build import ModelSpec, load_model
+
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    shapes = checkpoint_shapes(folder)
+    unsharded = load_model(
+        ModelSpec(name_or_path=str(base), adapter={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+                  quantization={"quant_storage": "bfloat16", "compute_dtype": "bfloat16"})
+    )  # fmt: skip
+    state_keys = {k for k in unsharded.state_dict() if ".weight." in k}
+    assert {k.removeprefix("model.") for k in shapes if ".weight." in k} == state_keys and len(
+        state_keys
+    ) == 70
+    from codetune.checkpoints.format import read_checkpoint
+    from codetune.checkpoints.trained import rebuild_model
+
+    adapter = rebuild_model(read_checkpoint(folder), merge=False)
+    lora = {f"model.{k}": v for k, v in adapter.state_dict().items() if "lora_" in k}
+    assert lora and set(lora) == {k for k in report["state"] if "lora_" in k}
+    for key, value in lora.items():
+        torch.testing.assert_close(value, report["state"][key], msg=key)
+    merged, _ = load_trained(folder)
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=torch.arange(3, 19)[None]).logits).all()
 
 
 QUICKSTART = [
@@ -435,13 +560,86 @@ def test_fsdp_strategy_shards_over_every_process(tmp_path):
     assert isinstance(cli.trainer.strategy, FSDP2Strategy) and cli.trainer.num_devices == 2
 
 
-def test_more_devices_than_the_machine_has_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize(
+    ("options", "gpus", "message"),
+    [
+        (["--trainer.devices=4096"], 0, "trainer.devices=4096 but this machine has"),
+        # GPUs named by index: CUDA_VISIBLE_DEVICES=4,5 leaves GPUs 0 and 1
+        (["--trainer.accelerator=gpu", "--trainer.devices=[0, 5]"], 2, "names GPU 5, but 2 visible CUDA GPU"),
+        (
+            ["--trainer.precision=bf16-true"],
+            0,
+            "bf16-true trains bf16 weights.*use trainer.precision: bf16-mixed",
+        ),
+        (
+            [
+                "--trainer.strategy=fsdp2",
+                "--trainer.devices=2",
+                "--model.init_args.optimizer=codetune.optim.PagedAdamW8bit",
+            ],
+            0,
+            "PagedAdamW8bit \\(bitsandbytes\\) cannot step FSDP2's sharded parameters.*codetune.optim.AdamW",
+        ),
+        (
+            [
+                "--trainer.strategy=fsdp2",
+                "--trainer.devices=2",
+                "--model.init_args.model.adapter.method=lora",
+                "--model.init_args.model.quantization={bits: 4}",
+            ],
+            0,
+            "quant_storage=uint8 cannot be sharded with FSDP2.*set model.quantization.quant_storage: bfloat16",
+        ),
+    ],
+)
+def test_what_fails_only_on_gpus_or_at_the_first_step_is_a_one_line_error_up_front(
+    tmp_path, monkeypatch, options, gpus, message
+):
+    """Each refused before the data module or the model is built (no tokenizer is trained: it would take
+    seconds), in one line naming the setting and the fix."""
     from codetune.cli import main
+    from codetune.data import datamodule
 
+    if gpus:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(datamodule, "build_tokenizer", _built_too_early)
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", *QUICKSTART, "--trainer.devices=4096", f"--trainer.default_root_dir={tmp_path}"])
-    message = str(exit_.value)
-    assert "trainer.devices=4096 but this machine has" in message and "\n" not in message
+        main(["fit", *QUICKSTART, *options, f"--trainer.default_root_dir={tmp_path}"])
+    text = str(exit_.value)
+    assert re.search(message, text) and "\n" not in text, text
+
+
+def _built_too_early(*args, **kwargs):
+    raise AssertionError("the data module was built before the recipe was refused")
+
+
+def test_bitsandbytes_optimizers_are_refused_under_fsdp2_and_offload_keeps_shards_on_the_cpu():
+    from codetune.optim import AdamW, PagedAdamW8bit
+    from codetune.strategies import FSDP2Strategy, check_fsdp_optimizer
+
+    with pytest.raises(ValueError, match="got mixed torch.Tensor and DTensor"):
+        check_fsdp_optimizer(PagedAdamW8bit)
+    check_fsdp_optimizer(AdamW)
+    # Lightning moves the sharded module to the root device after configure_model; a GPU is played by "meta"
+    for offload, device in ((False, "meta"), (True, "cpu")):
+        strategy = FSDP2Strategy(cpu_offload=offload)
+        strategy.parallel_devices = [torch.device("meta")]
+        strategy.model = torch.nn.Linear(2, 2)
+        strategy.model_to_device()
+        assert strategy.model.weight.device.type == device
+
+
+def test_each_rank_takes_its_share_of_the_cores():
+    from codetune.strategies import threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    # Lightning or torchrun start the ranks of a node on one set of cores
+    assert threads_per_rank(2, environ={}) == max(1, cores // 2)
+    # srun --cpus-per-task gives each task its own cores: they are not divided again by the node's 8 tasks
+    slurm = {"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": str(cores)}
+    assert threads_per_rank(8, environ=slurm) == cores
+    assert threads_per_rank(8, environ={**slurm, "SLURM_CPUS_PER_TASK": "1"}) == 1
 
 
 def _recipe_on_cpu(recipe: str, tmp_path: Path) -> list[str]:
@@ -478,16 +676,19 @@ def test_scale_out_recipes_configure_fsdp2_and_atomic_checkpoints(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_codetune_fit_runs_the_fsdp_recipe_on_two_cpu_processes(tmp_path):
+    """With the validation before the fit, under the evaluation context Lightning takes on GPUs (inference mode:
+    it broke the first training step after it, "Inplace update to inference tensor outside InferenceMode")."""
     args = [
         *_recipe_on_cpu("fsdp-multigpu.yaml", tmp_path),
         "--trainer.max_steps=2",
         "--trainer.accumulate_grad_batches=1",
-        "--trainer.limit_val_batches=0",
-        "--trainer.val_check_interval=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=2",
+        "--data.init_args.split.val_fraction=0.3",  # of 10 files: some to validate on
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "codetune.cli", "fit", *args],
+        [sys.executable, str(Path(__file__).resolve()), "fit", *args],
         cwd=tmp_path,
         env=env,
         text=True,
@@ -506,7 +707,8 @@ def test_codetune_fit_runs_the_fsdp_recipe_on_two_cpu_processes(tmp_path):
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     assert "codetune fit: summary" in output
+    assert re.search(r"val loss before\W+\d", output), output[-2000:]
 
 
 if __name__ == "__main__":
-    _main()
+    _cli_main() if sys.argv[1:2] == ["fit"] else _main()

@@ -311,3 +311,29 @@ def test_refused_setting_leaves_config_untouched():
     with pytest.raises(ValueError, match="must be > 1"):
         apply_rope_scaling(config, scaling)
     assert config.to_dict() == before
+
+
+def test_bf16_true_keeps_the_rotary_frequencies_in_float32():
+    """Lightning's bf16-true casts the whole module, buffers included; at θ = 1e6 and head_dim 128 a bf16
+    ``inv_freq`` puts the angle at position 16,383 off by ~19 rad. The model codetune builds keeps them float32."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from codetune.model.build import ModelSpec, load_model
+
+    config = dict(
+        TINY, model_type="llama", hidden_size=256, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=16_384, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )  # fmt: skip
+    model = HalfPrecision("bf16-true").convert_module(load_model(ModelSpec(config=config)))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the cast did happen
+    positions = torch.tensor([[0, 4095, 16_383]])
+    x = torch.zeros(1, 3, 256, dtype=torch.bfloat16)
+    cos, sin = model.model.rotary_emb(x, positions)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    angles = positions[0, :, None].double() * inv_freq
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    error = (positions[0, :, None].double() * model.model.rotary_emb.inv_freq.double() - angles).abs().max()
+    assert error < 1e-2, f"angles off by up to {error:.2f} rad"
+    # what the attention sees: cos/sin of the right angles, rounded to bf16 only at the end
+    torch.testing.assert_close(cos[0, :, :64].double(), angles.cos(), atol=8e-3, rtol=0)
+    torch.testing.assert_close(sin[0, :, :64].double(), angles.sin(), atol=8e-3, rtol=0)

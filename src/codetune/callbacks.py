@@ -86,50 +86,88 @@ class ProgressBar(RichProgressBar):
 
 
 class Throughput(L.Callback):
-    """Logs tokens/s and real (non-pad) tokens/s per optimizer step, shown in the progress bar, and the model
-    FLOPs utilisation (MFU) on GPUs with a known peak (A100, H100, H200 in bf16/fp16)."""
+    """Logs tokens/s and real (non-pad) tokens/s, shown in the progress bar, and the model FLOPs utilisation (MFU)
+    on GPUs with a known peak (A100, H100, H200 in bf16/fp16).
+
+    Measured over windows of ``window`` batches with one device synchronize at the end of each: a synchronize
+    (and reading a count off the GPU) every micro-batch would stall the queue of kernels the host has launched
+    ahead. Real tokens are summed on the device and read once per window; validation time is left out.
+    """
 
     def __init__(self, window: int = 10) -> None:
         """
         Args:
-            window: Average over this many recent batches so the number shown is steady.
+            window: Log once per this many batches, timed over them, so the number shown is steady.
         """
+        if window < 1:
+            raise ValueError(f"Throughput.window must be >= 1, got {window}")
         self.window = window
-        self._times: list[float] = []
-        self._tokens: list[tuple[int, int]] = []
+        self._tokens = 0
+        self._real: torch.Tensor | int = 0
+        self._batches = 0
+        self._window_start: float | None = None
+        self._paused_at: float | None = None
         self.total_tokens = 0
-        self.total_real_tokens = 0
+        self._total_real = 0
         self.train_seconds = 0.0
-        self._t0: float | None = None
         self._flops_per_token: float | None = None
         self._peak: float | None = None
+        self._device = torch.device("cpu")
         self.mfu: float | None = None
         """The last MFU measured (fraction of peak), ``None`` where no peak is known."""
 
+    @property
+    def total_real_tokens(self) -> int:
+        """Real tokens of every window logged so far."""
+        return self._total_real
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._peak = peak_flops(trainer.strategy.root_device, trainer.precision)
+        self._device = trainer.strategy.root_device
+        self._peak = peak_flops(self._device, trainer.precision)
         self._flops_per_token = None
+        self._window_start, self._batches, self._tokens, self._real = None, 0, 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        if self._window_start is None:
+            if not self.train_seconds:
+                self._sync()  # the first window: not the model's loading and transfers
+            self._window_start = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._window_start is not None:
+            self._sync()
+            self._paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._paused_at is not None and self._window_start is not None:
+            self._window_start += time.perf_counter() - self._paused_at
+        self._paused_at = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is None:
+        if self._window_start is None:
             return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
-        elapsed = time.perf_counter() - self._t0
-        tokens = batch["input_ids"].numel() * trainer.world_size
-        real = int(real_tokens(batch).sum()) * trainer.world_size
-        self.total_tokens += tokens
-        self.total_real_tokens += real
-        self.train_seconds += elapsed
-        self._times = (self._times + [elapsed])[-self.window :]
-        self._tokens = (self._tokens + [(tokens, real)])[-self.window :]
-        seconds = sum(self._times)
-        tokens_per_s = sum(t for t, _ in self._tokens) / seconds
+        self._batches += 1
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        self._real = self._real + real_tokens(batch).sum()  # stays on the device until the window ends
+        max_steps = trainer.max_steps if trainer.max_steps is not None else -1
+        last = trainer.is_last_batch or (max_steps >= 0 and trainer.global_step >= max_steps)
+        if self._batches >= self.window or last:
+            self._log_window(trainer, pl_module, batch)
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)  # kernels run asynchronously: time the work, not its launch
+
+    def _log_window(self, trainer, pl_module, batch) -> None:
+        self._sync()
+        seconds = max(time.perf_counter() - self._window_start, 1e-9)
+        real = int(self._real) * trainer.world_size
+        self.total_tokens += self._tokens
+        self._total_real += real
+        self.train_seconds += seconds
+        tokens_per_s = self._tokens / seconds
         pl_module.log("tok/s", tokens_per_s, prog_bar=True, on_step=True)
-        pl_module.log("real_tok/s", sum(r for _, r in self._tokens) / seconds, on_step=True)
+        pl_module.log("real_tok/s", real / seconds, on_step=True)
         if self._peak is not None:
             if self._flops_per_token is None:
                 model = getattr(pl_module, "model", None) or pl_module
@@ -137,6 +175,7 @@ class Throughput(L.Callback):
             # Every token costs its FLOPs, padding included; the peak is per device.
             self.mfu = self._flops_per_token * tokens_per_s / (self._peak * trainer.world_size)
             pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True)
+        self._window_start, self._batches, self._tokens, self._real = None, 0, 0, 0
 
 
 class StepStats(L.Callback):

@@ -8,11 +8,32 @@ The Lightning versions these were checked against: ``lightning>=2.6,<2.7`` (pypr
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol as is_local_path
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed as set_num_threads
 from lightning.fabric.utilities.load import _load_distributed_checkpoint as load_distributed_checkpoint
 
-__all__ = ["OVERRIDDEN", "is_local_path", "load_distributed_checkpoint", "set_num_threads"]
+__all__ = ["OVERRIDDEN", "evaluate_under_no_grad", "is_local_path", "load_distributed_checkpoint"]
+
+
+def evaluate_under_no_grad(trainer: Any) -> None:
+    """Make ``trainer.validate/test/predict`` run under ``torch.no_grad`` instead of ``torch.inference_mode``.
+
+    Lightning evaluates in inference mode except on gloo and under its old FSDP strategy
+    (``lightning/pytorch/loops/utilities.py``, ``_no_grad_context``). Under FSDP2 the first all-gather then
+    allocates FSDP2's reusable unshard buffers as inference tensors, and the next unshard outside inference mode
+    (the first training step after ``codetune fit``'s validation) fails with "Inplace update to inference tensor
+    outside InferenceMode" (pytorch#197327, Lightning#16908). The loops' ``inference_mode`` flag (an attribute
+    of Lightning's private loop classes) is what ``Trainer(inference_mode=False)`` sets.
+    """
+    for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop):
+        if not hasattr(loop, "inference_mode"):
+            raise AttributeError(
+                f"{type(loop).__name__} has no `inference_mode` flag any more: update "
+                "codetune.lightning_private.evaluate_under_no_grad for this Lightning version"
+            )
+        loop.inference_mode = False
+
 
 OVERRIDDEN: dict[str, tuple[str, ...]] = {
     # AtomicCheckpoint: writes under a temporary name, finds `last` of earlier run versions.

@@ -162,6 +162,22 @@ def _paged_adamw_8bit_class() -> type[Optimizer]:
     return PagedAdamW8bit
 
 
+def check_training_precision(precision: object) -> None:
+    """Refuse to train with ``trainer.precision: bf16-true``: the weights the optimizer updates would be bf16.
+
+    bf16 keeps 8 significant bits, so an update smaller than 1/256 of a weight rounds away: at lr 2e-5, 70% of
+    AdamW's per-step updates of a 7B model are lost (96% at 2e-6) and fine-tuning silently stalls. ``bf16-mixed``
+    computes in bf16 from float32 master weights (with FSDP2 they are sharded: 4 extra bytes per parameter over
+    the world). Evaluation (``validate``, ``test``) in bf16-true is fine.
+    """
+    if str(precision) == "bf16-true":
+        raise ValueError(
+            f"trainer.precision={precision} trains bf16 weights: updates below 1/256 of a weight round to zero "
+            "(70% of AdamW's at lr 2e-5); use trainer.precision: bf16-mixed with model.dtype: float32 (float32 "
+            "master weights, bf16 compute)"
+        )
+
+
 class WarmupCosine(LambdaLR):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` × peak.
 

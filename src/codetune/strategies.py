@@ -7,15 +7,18 @@ then the root — is :func:`codetune.model.sharding.shard_model`, which ``Causal
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from codetune.checkpoints.format import check_checkpoint_fits, checkpoint_shapes
-from codetune.lightning_private import set_num_threads
+from codetune.model.adapters import quantization_state
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -41,7 +44,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                 the backward (ZeRO-3, least memory). ``false`` keeps them until the backward (ZeRO-2-like,
                 less communication, a full copy of the weights per rank at peak).
             cpu_offload: Keep sharded parameters, gradients and optimizer states in CPU memory and run the
-                optimizer step there (slow; for models that do not fit otherwise).
+                optimizer step there (slow; for models that do not fit otherwise). The sharded model then stays
+                on the CPU: FSDP2 copies each layer to the GPU when it gathers it.
             compile: ``torch.compile`` each decoder layer before sharding it (one graph per layer type, compiled
                 once; parameter names and checkpoints are unchanged). The first steps pay the compilation.
             save_distributed_checkpoint: Each rank writes its own shard (a checkpoint folder, fast, no full copy
@@ -65,9 +69,26 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         # Lightning divides the cores between the processes of a node only in the process that launches the
         # others; every other rank would run one thread per core and oversubscribe them (10x slower QLoRA steps
-        # on a 2-core CPU run). Same division, on every rank; OMP_NUM_THREADS still wins when set.
-        set_num_threads(num_processes=self.num_processes)
+        # on a 2-core CPU run). Each rank takes its share, on every rank; OMP_NUM_THREADS still wins when set.
+        if "OMP_NUM_THREADS" not in os.environ:
+            threads = threads_per_rank(self.num_processes)
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         super().setup_environment()
+
+    def model_to_device(self) -> None:
+        # Lightning moves the whole module to the GPU after `configure_model` sharded it. With CPU offload the
+        # shards must stay on the CPU (FSDP2 refuses shards elsewhere at the first forward: "FSDP parameters
+        # should be materialized on CPU when enabling CPU offloading", pytorch#139110); fully_shard has already
+        # put the buffers (RoPE tables) on the GPU, where the layers compute.
+        if self.cpu_offload:
+            return
+        super().model_to_device()
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        super().setup_optimizers(trainer)
+        for optimizer in self.optimizers:
+            check_fsdp_optimizer(type(optimizer))
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         # The parent loads the weights straight into the shards; a checkpoint of another recipe would fail there
@@ -75,6 +96,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
         expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        # A QLoRA checkpoint also holds the 4-bit quantization state (CausalLM.on_save_checkpoint adds it).
+        expected.update({key: tuple(v.shape) for key, v in quantization_state(module).items()})
         check_checkpoint_fits(
             expected, checkpoint_shapes(path), checkpoint_path, strict=module.strict_loading
         )
@@ -106,4 +129,31 @@ def check_fsdp_only(strategy: ModelParallelStrategy) -> None:
             f"ModelParallelStrategy(tensor_parallel_size={tp}): codetune shards with FSDP2 only; set "
             "tensor_parallel_size: 1 and data_parallel_size to the number of processes (or use "
             "codetune.strategies.FSDP2Strategy)"
+        )
+
+
+def threads_per_rank(local_processes: int, environ: Mapping[str, str] | None = None) -> int:
+    """CPU threads for each rank: its share of the cores this process may use.
+
+    Processes that Lightning or torchrun start on one node share one set of cores, so each takes
+    ``cores // local_processes``. A SLURM task started with ``--cpus-per-task`` has its own cores already (its
+    affinity is usually just them): dividing those again by the node's process count left one thread per rank.
+    """
+    environ = os.environ if environ is None else environ
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0 and "SLURM_PROCID" in environ:
+        return max(1, min(cores, int(per_task)))
+    return max(1, cores // max(1, local_processes))
+
+
+def check_fsdp_optimizer(optimizer_class: type) -> None:
+    """Refuse an optimizer FSDP2 cannot step: bitsandbytes' (8-bit, paged) optimizers update plain tensors and fail
+    at the first step on FSDP2's sharded DTensor parameters ("got mixed torch.Tensor and DTensor")."""
+    if any(cls.__module__.split(".")[0] == "bitsandbytes" for cls in optimizer_class.__mro__):
+        raise ValueError(
+            f"optimizer {optimizer_class.__name__} (bitsandbytes) cannot step FSDP2's sharded parameters: it fails "
+            "at the first step with 'got mixed torch.Tensor and DTensor'; use codetune.optim.AdamW (under FSDP2 "
+            "its states are sharded too: 1/world of the memory per rank), or a single-device/DDP strategy for "
+            "the 8-bit optimizer"
         )

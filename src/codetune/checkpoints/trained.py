@@ -29,12 +29,13 @@ REBUILD_ATTENTION = "sdpa"
 """The kernel a trained model is rebuilt with (flash-attn needs a GPU and half precision)."""
 
 
-def build_training_model(spec: ModelSpec, tokenizer: Any = None):
+def build_training_model(spec: ModelSpec, tokenizer: Any = None, meta: bool = False):
     """The model a recipe trains, before any trained weights of *this* run: ``model.build.load_model``, except that
     a ``model.name_or_path`` naming a codetune checkpoint continues the model that run trained (rebuilt, its
-    adapter merged), so one stage starts where the previous one ended (``recipes/tiny-lcft.yaml``)."""
+    adapter merged), so one stage starts where the previous one ended (``recipes/tiny-lcft.yaml``).
+    ``meta``: the model on the meta device, without weights (not for a continued run)."""
     if not is_training_checkpoint(spec.name_or_path):
-        return load_model(spec, tokenizer)
+        return load_model(spec, tokenizer, meta=meta)
     location = locate(spec.name_or_path)
     trained = read_checkpoint(location)
     if tokenizer is not None:

@@ -9,6 +9,7 @@ after ``fit``, and the summary.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -28,8 +29,12 @@ from codetune.checkpoints.format import checkpoint_shapes
 from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
 from codetune.commands.summary import print_plan, print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
+from codetune.model.adapters import Quantization
+from codetune.model.sharding import check_shardable_quantization
 from codetune.modules.causal import CausalLM
+from codetune.optim import check_training_precision
 from codetune.resume import AtomicCheckpoint, RNGState
+from codetune.strategies import check_fsdp_optimizer
 
 RECIPE_COMMANDS = ("fit", "validate", "test")
 
@@ -75,14 +80,11 @@ class CodetuneCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_moved_class_paths(config.as_dict())
         trainer = config.trainer
+        # CSV by default (no extra dependency), TensorBoard beside it when installed; W&B or others when the
+        # recipe names their logger. Made in instantiate_trainer, not written into the config: a run's saved
+        # config.yaml then trains again under another --trainer.default_root_dir, not into the old run's folder.
         self._default_logger = trainer.logger in (None, True)
-        if self._default_logger:
-            # CSV by default (no extra dependency), TensorBoard beside it when installed (instantiate_trainer);
-            # W&B or others when the recipe names their logger.
-            trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": trainer.default_root_dir or "runs"},
-            }
+        self._log_root = trainer.default_root_dir or "runs"
         if trainer.enable_progress_bar is False:
             self.trainer_defaults["callbacks"] = [
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, RichProgressBar)
@@ -93,21 +95,12 @@ class CodetuneCLI(LightningCLI):
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
         check_devices(trainer)
+        check_recipe_for_strategy(config, self.subcommand)
 
     def instantiate_trainer(self, **kwargs: Any):
-        trainer = super().instantiate_trainer(**kwargs)
-        if getattr(self, "_default_logger", False) and tensorboard_installed():
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            csv = trainer.logger
-            # The same version folder as the CSV logger: one run, one directory (metrics.csv + event files).
-            trainer.loggers = [
-                csv,
-                TensorBoardLogger(
-                    save_dir=csv.save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"
-                ),
-            ]
-        return trainer
+        if getattr(self, "_default_logger", False) and "logger" not in kwargs:
+            kwargs["logger"] = default_loggers(self._log_root)
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         # A rejected recipe is one line (the key, the problem, the fix), not a usage block and an error tree.
@@ -178,6 +171,20 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
     return found
 
 
+def default_loggers(save_dir: str, tensorboard: bool | None = None) -> list[Any]:
+    """A CSV logger, and TensorBoard's (when installed) writing into the same version folder: one run, one
+    directory (``metrics.csv``, ``tensorboard/`` event files)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv = CSVLogger(save_dir=save_dir)
+    if not (tensorboard_installed() if tensorboard is None else tensorboard):
+        return [csv]
+    return [
+        csv,
+        TensorBoardLogger(save_dir=save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"),
+    ]
+
+
 def tensorboard_installed() -> bool:
     """Whether Lightning's TensorBoard logger can write (the ``tensorboard`` extra, or tensorboardX)."""
     import importlib.util
@@ -192,14 +199,20 @@ def check_devices(trainer: Any) -> None:
     import torch
 
     devices = trainer.get("devices", "auto")
-    wanted = len(devices) if isinstance(devices, list) else devices
+    indices = None  # GPU indices, when devices names them ([0, 3] or "0,3")
+    if isinstance(devices, list | tuple):
+        indices = [int(d) for d in devices]
+    elif isinstance(devices, str) and "," in devices:
+        indices = [int(d) for d in devices.split(",") if d.strip()]
+    wanted = len(indices) if indices is not None else devices
     if isinstance(wanted, str) and wanted.strip().lstrip("-").isdigit():
         wanted = int(wanted)
     accelerator = str(trainer.get("accelerator") or "auto")
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if accelerator in ("cpu", "gpu", "cuda", "auto") and isinstance(wanted, int) and wanted > 0:
         if on_gpu:
-            available, kind = torch.cuda.device_count(), "CUDA GPU(s)"
+            # device_count honours CUDA_VISIBLE_DEVICES: what this process can see, not what the node has
+            available, kind = torch.cuda.device_count(), "visible CUDA GPU(s)"
         else:
             available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             kind = "CPU core(s) (one process per device)"
@@ -207,6 +220,12 @@ def check_devices(trainer: Any) -> None:
             raise ValueError(
                 f"trainer.devices={wanted} but this machine has {available} {kind}; lower trainer.devices "
                 "(more machines: trainer.num_nodes, see docs/scaling.md)"
+            )
+        beyond = [i for i in indices or [] if i >= available or i < 0]
+        if on_gpu and beyond:
+            raise ValueError(
+                f"trainer.devices={list(indices)} names GPU {beyond[0]}, but {available} {kind} are numbered "
+                f"0-{available - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0); name visible GPUs or give a count"
             )
     strategy = trainer.get("strategy")
     name = strategy if isinstance(strategy, str) else (strategy.get("class_path") if strategy else None)
@@ -220,6 +239,35 @@ def check_devices(trainer: Any) -> None:
             name.rsplit(".", 1)[-1],
         )
         trainer.strategy = "auto"
+
+
+def check_recipe_for_strategy(config: Any, subcommand: str | None) -> None:
+    """Refuse, before any data or weights are read, what would fail (or silently train wrong) only at the first
+    step: ``bf16-true`` training, and under FSDP2 a bitsandbytes optimizer or a 4-bit base not stored as bf16."""
+    trainer = config.trainer
+    if subcommand == "fit":
+        check_training_precision(trainer.get("precision"))
+    strategy = trainer.get("strategy")
+    name = strategy if isinstance(strategy, str) else (strategy.get("class_path") if strategy else None)
+    if not (name and name.endswith(_FSDP_STRATEGIES)):
+        return
+    model = config.get("model")
+    init_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
+    spec = init_args.get("model") if hasattr(init_args, "get") else None
+    quantization = spec.get("quantization") if hasattr(spec, "get") else None
+    if quantization is not None:
+        values = quantization.as_dict() if hasattr(quantization, "as_dict") else dict(quantization)
+        check_shardable_quantization(Quantization(**values))
+    optimizer = init_args.get("optimizer") if hasattr(init_args, "get") else None
+    class_path = optimizer.get("class_path") if hasattr(optimizer, "get") else None
+    if subcommand == "fit" and isinstance(class_path, str) and "." in class_path:
+        module_name, _, class_name = class_path.rpartition(".")
+        try:
+            optimizer_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            return  # LightningCLI names an unknown class itself
+        if isinstance(optimizer_class, type):
+            check_fsdp_optimizer(optimizer_class)
 
 
 def check_ckpt_path(ckpt_path: Any) -> Any:

@@ -198,6 +198,36 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def quantization_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The 4-bit quantization state a sharded model's ``state_dict`` no longer holds, under the keys bitsandbytes
+    writes (``<layer>.weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.quant_state.bitsandbytes__nf4``...).
+
+    ``fully_shard`` replaces each ``Params4bit`` weight by a DTensor shard without ``quant_state``, so
+    ``Linear4bit`` saves none of it and a checkpoint written under FSDP2 could not be recognised as QLoRA (export
+    and evaluation failed on the packed weights' shapes). The layer keeps the state itself (bitsandbytes restores
+    the weight's from it at every forward), whole on every rank; it is returned here as CPU tensors. Empty for a
+    model without 4-bit layers or whose weights still carry their state (they save it themselves).
+    """
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return {}
+    import bitsandbytes as bnb
+
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if (
+            not isinstance(module, bnb.nn.Linear4bit)
+            or getattr(module.weight, "quant_state", None) is not None
+        ):
+            continue
+        quant_state = getattr(module, "quant_state", None)
+        if quant_state is None:
+            continue
+        prefix = f"{name}.weight." if name else "weight."
+        for key, value in quant_state.as_dict(packed=True).items():
+            state[prefix + key] = value.detach().cpu()
+    return state
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the model's linear layers (``q_proj``, ``c_attn``, ``lm_head``, ...), sorted."""
     return sorted({name.rsplit(".", 1)[-1] for name, module in _linear_modules(model)})

@@ -33,8 +33,13 @@ from codetune.model.adapters import (
     check_quantization_supported,
     keep_4bit_layers_trainable,
 )
-from codetune.model.attention import resolve_attn_implementation
-from codetune.model.rope import RopeScaling, apply_rope_scaling, rebuild_rotary_embeddings
+from codetune.model.attention import pass_document_boundaries, resolve_attn_implementation
+from codetune.model.rope import (
+    RopeScaling,
+    apply_rope_scaling,
+    keep_rotary_tables_fp32,
+    rebuild_rotary_embeddings,
+)
 from codetune.seeding import run_seed
 
 log = logging.getLogger(__name__)
@@ -117,16 +122,27 @@ class ModelSpec:
         self.__dict__["_validated"] = True  # not a field: asdict, replace and checkpoints never carry it
 
 
-def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: int | None = None):
+def load_model(
+    spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: int | None = None, meta: bool = False
+):
     """The model to train: weights loaded, RoPE rescaled, embeddings fitted to ``tokenizer``, adapter attached.
 
     ``base`` (with the size ``base_vocab`` of its tokenizer) replaces loading ``spec.name_or_path``: the caller
     built it, e.g. the merged model of an earlier stage. Returns a ``transformers`` model, or a
     ``peft.PeftModelForCausalLM`` under LoRA/DoRA.
+
+    ``meta``: the same model on the meta device, no weights read and no memory taken (the ranks of a sharded
+    run that receive their shards from rank 0, :func:`codetune.model.sharding.shard_from_rank0`); not for
+    quantized bases or a ``base`` handed in.
     """
     from transformers import AutoModelForCausalLM
 
     spec.validate()
+    if meta:
+        if spec.quantization is not None or base is not None:
+            raise ValueError("load_model(meta=True) builds neither quantized bases nor a base handed in")
+        with torch.device("meta"):
+            return _load_model_on_meta(spec, tokenizer)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.quantization is not None:
         check_quantization_supported(spec.quantization, _quantization_device(device_type))
@@ -174,6 +190,18 @@ def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: in
         model = _quantized_copy(model, spec, attn, device_type)
     if spec.quantization is not None:
         keep_4bit_layers_trainable(model)
+    model = _finish(model, spec, tokenizer, base_vocab, source)
+    log.info(
+        "loaded %s with %s attention%s",
+        spec.name_or_path or spec.config["model_type"],
+        attn,
+        f", adapter {spec.adapter.method}" if spec.adapter.method != "full" else "",
+    )
+    return model
+
+
+def _finish(model, spec: ModelSpec, tokenizer, base_vocab: int | None, source: str):
+    """Embeddings fitted to the tokenizer, checkpointing, fp32 RoPE tables, the adapter: the steps after loading."""
     new_rows: list[int] = []
     if tokenizer is not None:
         new_rows = fit_embeddings(
@@ -182,17 +210,31 @@ def load_model(spec: ModelSpec, tokenizer=None, base: Any = None, base_vocab: in
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    keep_rotary_tables_fp32(model)
+    pass_document_boundaries(model)
     # A freshly initialised model trains every row: its "new" tokens are not new.
-    model = apply_adapter(
+    return apply_adapter(
         model, spec.adapter, new_rows if source != "config" else (), quantized=spec.quantization is not None
     )
-    log.info(
-        "loaded %s with %s attention%s",
-        spec.name_or_path or spec.config["model_type"],
-        attn,
-        f", adapter {spec.adapter.method}" if spec.adapter.method != "full" else "",
+
+
+def _load_model_on_meta(spec: ModelSpec, tokenizer=None):
+    """:func:`load_model`'s model on the meta device (called under ``torch.device("meta")``): the same config,
+    embedding rows and adapter, built from the config alone."""
+    from transformers import AutoModelForCausalLM
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    attn = resolve_attn_implementation(spec.attn_implementation, device_type)
+    config = base_config(spec, tokenizer if spec.config is not None else None)
+    config._attn_implementation = attn
+    if spec.rope is not None:
+        apply_rope_scaling(config, spec.rope)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=DTYPES[spec.dtype], attn_implementation=attn, trust_remote_code=spec.trust_remote_code
     )
-    return model
+    base_vocab = _base_tokenizer_size(spec, tokenizer) if spec.config is None else None
+    source = "config" if spec.config is not None else "pretrained"
+    return _finish(model, spec, tokenizer, base_vocab, source)
 
 
 def base_config(spec: ModelSpec, tokenizer=None):
@@ -226,8 +268,12 @@ def fit_embeddings(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             # mean_resizing: new rows start at the mean embedding (Hewitt 2021), so the new sentinels do not
-            # dominate the softmax before they are trained.
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple_of, mean_resizing=True)
+            # dominate the softmax before they are trained. (A model on the meta device only takes the shape:
+            # its values come from rank 0's.)
+            meta = model.get_input_embeddings().weight.is_meta
+            model.resize_token_embeddings(
+                len(tokenizer), pad_to_multiple_of=multiple_of, mean_resizing=not meta
+            )
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
         # A tokenizer without a BOS (ours, StarCoder's) must not leave the architecture's default BOS id (1 for

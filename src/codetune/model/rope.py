@@ -229,6 +229,41 @@ def apply_rope_scaling(config: PretrainedConfig, scaling: RopeScaling) -> None:
     )
 
 
+def keep_rotary_tables_fp32(model: torch.nn.Module) -> int:
+    """Keep every rotary module's frequency buffers (``inv_freq``, ``original_inv_freq``, ...) in float32, whatever
+    the model is cast to. Returns how many modules are guarded.
+
+    ``trainer.precision: bf16-true`` casts the whole module to bf16 (Lightning's ``HalfPrecision``), buffers
+    included; transformers multiplies ``position × inv_freq`` in float32 but from the already rounded
+    frequencies, so at θ = 1e6 and head_dim 128 the angles are off by ~4.7 rad at position 4,095 and ~19 rad at
+    16,383. A forward pre-hook puts the float32 values back (once per cast: it compares dtypes only) before the
+    module runs; the float32 copy follows updates a dynamic RoPE makes.
+    """
+    import torch
+
+    guarded = 0
+    for module in model.modules():
+        names = [
+            n for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq") and b is not None
+        ]
+        if not names or not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        kept = {name: getattr(module, name) for name in names}
+
+        def restore(module: torch.nn.Module, args: Any, kept: dict[str, torch.Tensor] = kept) -> None:
+            for name in kept:
+                current = getattr(module, name)
+                if current.dtype == torch.float32:
+                    kept[name] = current  # the newest float32 values (dynamic RoPE replaces the tensor)
+                elif not kept[name].is_meta:
+                    setattr(module, name, kept[name].to(current.device))
+                    kept[name] = getattr(module, name)
+
+        module.register_forward_pre_hook(restore)
+        guarded += 1
+    return guarded
+
+
 def rebuild_rotary_embeddings(model: torch.nn.Module) -> int:
     """Recompute the rotary embedding modules of an already built model from its (rescaled) config.
 

@@ -7,7 +7,8 @@ optimizer state plus one full layer at a time. The root group holds what is left
 head — a tied head shares the embedding's parameter, so both stay in one group).
 
 FSDP2 shards each parameter on its own (no flattening), so a QLoRA model — frozen 4-bit weights stored as
-bfloat16 next to float32 LoRA matrices — shards as it is. Activation checkpointing is the model's own per-layer
+bfloat16 next to float32 LoRA matrices — shards as it is. Host memory: :func:`shard_from_rank0` lets only rank
+0 hold the loaded model; every other rank builds it on the meta device and receives its shards. Activation checkpointing is the model's own per-layer
 checkpointing (``model.gradient_checkpointing``): transformers checkpoints each layer's ``forward`` and leaves
 FSDP2's hooks outside it, so the recompute does not gather the layer twice.
 """
@@ -110,6 +111,54 @@ def shard_model(
         ", CPU offload" if cpu_offload else "",
         ", compiled layers" if compile else "",
     )
+    return model
+
+
+def check_shardable_quantization(quantization: Any) -> None:
+    """Refuse, before anything is loaded, a ``model.quantization`` that FSDP2 cannot shard (the recipe check;
+    :func:`check_quantized_storage` checks the built layers)."""
+    if quantization is None:
+        return
+    if quantization.bits == 8:
+        raise ValueError(
+            "model.quantization.bits=8 (LLM.int8) cannot be sharded with FSDP2: its layers keep state FSDP2 does "
+            "not shard; use bits: 4 with quant_storage: bfloat16, or a single-device/DDP strategy"
+        )
+    if quantization.quant_storage != "bfloat16":
+        raise ValueError(
+            f"model.quantization.quant_storage={quantization.quant_storage} cannot be sharded with FSDP2: FSDP2 "
+            "treats the packed 4-bit bytes as numbers of that dtype (with uint8 training crashes or reports loss "
+            "0 with NaN gradient norms, accelerate#3983); set model.quantization.quant_storage: bfloat16"
+        )
+
+
+def shard_from_rank0(model: nn.Module, mesh: Any, **options: Any) -> nn.Module:
+    """Shard a model only rank 0 has loaded: :func:`shard_model` on every rank, then rank 0's weights and buffers
+    are sent to the others, each rank keeping its shards.
+
+    On rank 0 ``model`` is the loaded model; on every other rank the same model built on the meta device (no
+    memory). A rank other than 0 then holds, at its peak, its shards plus one full tensor in flight, instead of a
+    whole copy of the model (torchtitan's and torchtune's ``broadcast_from_rank0`` loading). Rank 0 holds the
+    full model until its shards are sent. Buffers (RoPE tables) are not sharded: each rank gets rank 0's.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    group = mesh.get_group()
+    rank0 = dist.get_rank(group) == 0
+    full = model.state_dict() if rank0 else {}
+    shard_model(model, mesh, **options)
+    if not rank0:
+        device = torch.device("cpu") if options.get("cpu_offload") or mesh.device_type == "cpu" else None
+        if device is None:
+            device = torch.device(mesh.device_type, torch.cuda.current_device())
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
+    del full
+    for _, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
+        dist.broadcast(buffer.data, src=dist.get_global_rank(group, 0), group=group)
     return model
 
 

@@ -14,12 +14,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from codetune.checkpoints.format import MODEL_HPARAM, add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.locate import is_training_checkpoint
 from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
+from codetune.lightning_private import evaluate_under_no_grad
+from codetune.model.adapters import quantization_state
 from codetune.model.build import ModelSpec, absolute_base
-from codetune.model.sharding import shard_model
+from codetune.model.sharding import check_shardable_quantization, shard_from_rank0, shard_model
+from codetune.optim import check_training_precision
 from codetune.seeding import run_seed
-from codetune.strategies import check_fsdp_only, sharding_options
+from codetune.strategies import check_fsdp_only, check_fsdp_optimizer, sharding_options
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +65,32 @@ class CausalLM(L.LightningModule):
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        sharded = isinstance(strategy, ModelParallelStrategy)
+        if sharded:
+            check_fsdp_only(strategy)
+            check_shardable_quantization(self.spec.quantization)  # before any weight is read
+            # Lightning would validate under inference mode, which breaks FSDP2's next unshard (see there).
+            evaluate_under_no_grad(self.trainer)
+        # Under FSDP2 only rank 0 loads the weights; the others build the model on the meta device and receive
+        # their shards (a 4-bit base is quantized while loading, and a continued run is rebuilt from its
+        # checkpoint: both still load on every rank).
+        from_rank0 = (
+            sharded
+            and self.model is None
+            and strategy.world_size > 1
+            and self.spec.quantization is None
+            and not is_training_checkpoint(self.spec.name_or_path)
+        )
         if self.model is None:
+            self._build_on_meta = from_rank0 and strategy.global_rank != 0
             # from_pretrained returns a model in eval mode; Lightning keeps modes as it finds them, so dropout
             # (LoRA dropout included) would silently stay off during training.
             self.model = self.build_model().train()
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, ModelParallelStrategy):
+        if sharded:
             # FSDP2: shard each decoder layer, then the root, before Lightning builds the optimizer on the shards.
-            check_fsdp_only(strategy)
-            shard_model(
+            shard = shard_from_rank0 if from_rank0 else shard_model
+            shard(
                 self.model,
                 strategy.device_mesh["data_parallel"],
                 precision=str(self.trainer.precision),
@@ -78,7 +99,7 @@ class CausalLM(L.LightningModule):
 
     def build_model(self):
         """Load the model (or continue a codetune run's); stages extend this (e.g. to log what was built)."""
-        model = build_training_model(self.spec, self.tokenizer)
+        model = build_training_model(self.spec, self.tokenizer, meta=getattr(self, "_build_on_meta", False))
         self.record_hub_revision(model)
         return model
 
@@ -163,7 +184,12 @@ class CausalLM(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
+        trainer = self._trainer
+        if trainer is not None:
+            check_training_precision(trainer.precision)
         optimizer = self.optimizer_factory(parameter_groups(self))
+        if trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy):
+            check_fsdp_optimizer(type(optimizer))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -175,6 +201,11 @@ class CausalLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             add_tokenizer(checkpoint, self.tokenizer)
+        # Under FSDP2 the 4-bit weights lose their quantization state from the state dict (see
+        # quantization_state); without it the checkpoint would not be recognised as QLoRA by export and eval.
+        if "state_dict" in checkpoint:
+            for key, value in quantization_state(self).items():
+                checkpoint["state_dict"].setdefault(key, value)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint of another recipe fails here in one line rather than a page of "size mismatch" lines.
