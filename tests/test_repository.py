@@ -288,3 +288,23 @@ def dict_to_first(files: list[Document], order: list[str]) -> Document:
     """The first file in dependency order, as held out (it has no context)."""
     doc = next(d for d in files if d.meta["path"] == order[0])
     return Document(doc.text, doc.doc_id, doc.source, {**doc.meta, "split": "validation"})
+
+
+def test_a_repository_document_drawn_for_fim_starts_the_next_row_instead_of_being_cut(tokenizer):
+    from codetune.data.packing import PackDocument, Packer
+
+    assembler = RepositoryAssembler(backend_copy(tokenizer, text_only=True), None, {"repo": 10_000})
+    (doc,) = assembler.run(_files(repos.PACKAGE))
+    ids, _ = encode_pieces(assembler.tokenizer, layout_pieces(doc.text, doc.meta["layout"]))
+    fim = FIMTransform(FIMConfig(fim_rate=1.0), tokenizer)
+    packer = Packer(len(ids) + 20, tokenizer.eos_token_id, tokenizer.pad_token_id, ["repo"], fim)
+    filler = PackDocument(
+        "repo", "filler", 0, list(range(100, 130))
+    )  # leaves less room than the document needs
+    repo_doc = PackDocument("repo", doc.doc_id, 1, ids, text=doc.text, layout=doc.meta["layout"])
+    rows = list(packer.pack([filler, repo_doc]))
+    assert len(rows) == 2 and packer.repository_rows_closed == 1
+    (span,) = rows[1]["documents"]
+    assert span["doc_id"] == doc.doc_id and span["fim"] in ("psm", "spm") and span["start"] == 0
+    end = span["end"]
+    assert fim.unpermute_repository_ids(rows[1]["input_ids"][:end], tokenizer.eos_token_id) == doc.text
