@@ -98,3 +98,27 @@ def git_repos(tmp_path_factory):
     made["json"] = repos.json_repository(root)
     made.update(repos.bad_repositories(root / "bad"))
     return made
+
+
+@pytest.fixture(scope="session")
+def codellama_spm(tmp_path_factory):
+    """A Code Llama-style SentencePiece tokenizer folder (``tests.vocabularies.code_llama_spm``), trained once."""
+    from tests.vocabularies import code_llama_spm
+
+    return code_llama_spm(tmp_path_factory.mktemp("codellama-spm"))
+
+
+@pytest.fixture(scope="session")
+def codellama_tokenizer(codellama_spm):
+    """codetune's tokenizer on the SentencePiece folder (``codellama-hf`` sentinels detected). Shared: never change it."""
+    from codetune.data.tokenizer import TokenizerSpec, build_tokenizer
+
+    return build_tokenizer(TokenizerSpec(name_or_path=str(codellama_spm)))
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(codellama_spm):
+    """The SentencePiece processor of that folder: the reference tokenization of the Code Llama tests."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(codellama_spm / "tokenizer.model"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,9 @@ def trained(tmp_path_factory, tokenizer):
 
 
 def _touch(path: Path) -> Path:
+    """A stand-in checkpoint: a whole (empty) zip archive, which is what locate checks a file for."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
+    zipfile.ZipFile(path, "w").close()
     return path
 
 
@@ -146,3 +148,30 @@ def test_weights_that_do_not_fit_the_rebuilt_model_are_refused(trained, tmp_path
     torch.save(raw, tmp_path / "edited.ckpt")
     with pytest.raises(ValueError, match="shapes that differ from the rebuilt model.*mlp"):
         load_trained(tmp_path / "edited.ckpt")
+
+
+def test_a_run_records_its_base_as_an_absolute_path_and_a_hub_base_with_its_revision(
+    tmp_path, monkeypatch, tokenizer
+):
+    """A continued stage works from any directory (issue 14 #2): a base given relative to where the run started
+    is recorded absolute; a Hub base is pinned to the commit it was loaded from (not re-resolved to a newer push)."""
+    from types import SimpleNamespace
+
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    module = CausalLM(model={"name_or_path": "runs/quickstart"}, tokenizer=tokenizer)
+    recorded = module.hparams["model"]["name_or_path"]
+    assert recorded == str(tmp_path / "runs" / "quickstart") and module.spec.name_or_path == recorded
+
+    import codetune.model.build as build
+
+    monkeypatch.setattr(build, "_check_hub_id", lambda *args: None)  # offline: no Hub to ask
+    hub = CausalLM(model={"name_or_path": "someone/base-7b"}, tokenizer=tokenizer)
+    assert hub.hparams["model"]["name_or_path"] == "someone/base-7b"
+    hub.record_hub_revision(SimpleNamespace(config=SimpleNamespace(_commit_hash="0123abcd" * 5)))
+    assert hub.hparams["model"]["extra"]["revision"] == "0123abcd" * 5 == hub.spec.extra["revision"]
+    pinned = CausalLM(
+        model={"name_or_path": "someone/base-7b", "extra": {"revision": "v1"}}, tokenizer=tokenizer
+    )
+    pinned.record_hub_revision(SimpleNamespace(config=SimpleNamespace(_commit_hash="ffff")))
+    assert pinned.hparams["model"]["extra"]["revision"] == "v1"  # the recipe's pin wins

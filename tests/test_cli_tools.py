@@ -16,6 +16,17 @@ def test_help_lists_every_command(capsys):
         assert name in out
 
 
+def test_fit_help_shows_codetunes_own_options_before_lightnings(capsys):
+    """``fit --help`` starts with codetune's few options and where each part's options are (issue 14 #11), printed
+    before Lightning is imported (docs/performance.md: 0.15 s to it, the full list needs torch and Lightning)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    ours = out.index("--model.help codetune.modules.CausalLM")
+    assert "--data.help codetune.data.CodeDataModule" in out[: ours + 200]
+    assert ours < out.index("[--trainer.accelerator ACCELERATOR]")
+
+
 def test_eval_perplexity_scores_held_out_code(tiny_model_dir, tmp_path, capsys):
     main(
         [

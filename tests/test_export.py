@@ -646,6 +646,21 @@ def test_base_model_that_moved_is_reported_and_base_model_option_finds_it(lora_r
     out = export(str(tmp_path / "hub.ckpt"), str(tmp_path / "out"), dtype="float32", base_model=str(moved))
     ids = sample_ids(tokenizer)
     assert (logits_of(load_exported(out)[0], ids) - logits_of(module, ids)).abs().max() < 1e-4
+    # The same override for infill and eval (issue 14 #2: they did not accept it).
+    from codetune.commands.infill import infill
+
+    (tmp_path / "pre.py").write_text("def f():\n")
+    with pytest.raises(FileNotFoundError, match="pass --base_model"):
+        infill(
+            str(tmp_path / "hub.ckpt"), str(tmp_path / "pre.py"), str(tmp_path / "pre.py"), max_new_tokens=1
+        )
+    assert isinstance(
+        infill(str(tmp_path / "hub.ckpt"), str(tmp_path / "pre.py"), str(tmp_path / "pre.py"), max_new_tokens=1,
+               base_model=str(moved)),
+        str,
+    )  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert str(moved) not in card and "a local model folder (moved-base)" in card
 
 
 @pytest.mark.slow
@@ -654,6 +669,7 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     from jsonargparse import CLI
 
     from codetune.commands.fit import CodetuneCLI
+    from codetune.commands.preview import preview
 
     root = tmp_path / "runs"
     mine = tmp_path / "my-repo"
@@ -694,6 +710,16 @@ def test_fit_then_export_from_the_command_line_signature(tmp_path, tokenizer_spe
     )
     metrics = (run_dir / "metrics.csv").read_text().splitlines()
     assert {"lr", "grad_norm"} <= set(metrics[0].split(","))  # per step, in the logs
+    # The run's saved config.yaml works again, with preview and with fit (a new root is honoured: the default
+    # logger is not written into it).
+    assert len(preview(str(run_dir / "config.yaml"), rows=1)["rows"]) == 1
+    again = tmp_path / "again"
+    CodetuneCLI(
+        args=["fit", "--config", str(run_dir / "config.yaml"), f"--trainer.default_root_dir={again}",
+              "--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+    )  # fmt: skip
+    assert (again / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (root / "lightning_logs" / "version_1").exists()
     args = ["--ckpt_path", str(root), "--out", str(tmp_path / "out"), "--dtype", "float32"]
     out = CLI(export, args=args, as_positional=False)  # as `codetune export` parses it
     assert out == tmp_path / "out"

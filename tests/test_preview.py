@@ -88,9 +88,9 @@ def test_preview_builds_no_model(tmp_path, monkeypatch):
 
 def test_codetune_preview_command_line(tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
-    main(
-        ["preview", "--config", QUICKSTART, "--rows", "3", "--out", str(out), "--overrides", json.dumps(TINY)]
-    )
+    # Recipe keys as for `codetune fit` (`--key value` or `--key=value`), no JSON list to escape (issue 14 #11).
+    flag, value = TINY[0].split("=", 1)
+    main(["preview", "--config", QUICKSTART, "--rows", "3", "--out", str(out), flag, value, *TINY[1:]])
     assert len(out.read_text().splitlines()) == 3
     err = capsys.readouterr().err
     assert "real-token fraction" in err and "FIM spans" in err and "curation:" in err

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         if command in RECIPE_COMMANDS:
+            if "-h" in rest or "--help" in rest:
+                # codetune's own options first, at once: Lightning's list (490 lines) needs torch imported.
+                print(recipe_help(command), flush=True)
             _check_config_paths(rest)
             # Lightning starts the other processes of a multi-device run by re-running sys.argv, so it must hold
             # the whole command; LightningCLI parses it from there.
@@ -54,10 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 sys.argv = saved_argv
         else:
-            if command == "preview":  # jsonargparse keeps `--config` for itself; here it names the recipe
-                rest = [
-                    "--recipe" + a[len("--config") :] if a.split("=")[0] == "--config" else a for a in rest
-                ]
+            if command == "preview":
+                rest = preview_args(rest)
             fn = resolve(command)
             target = fn.get(rest[0]) if isinstance(fn, dict) and rest else fn
             if callable(target):
@@ -73,6 +74,63 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"codetune {command}: error: {root_cause(err)} (CODETUNE_DEBUG=1 shows the traceback)"
         ) from None
+
+
+PREVIEW_OPTIONS = ("--recipe", "--rows", "--out", "--split", "--overrides", "-h", "--help", "--print_config")
+
+
+def preview_args(args: list[str]) -> list[str]:
+    """``codetune preview`` as the docs write it: ``--config`` names the recipe (jsonargparse keeps ``--config``
+    for itself, so it becomes ``--recipe``), and any recipe key (``--data.init_args.seq_len 128``) is an override,
+    as for ``codetune fit``, instead of a JSON list in ``--overrides``."""
+    out: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, _ = arg.partition("=")
+        if flag == "--config":
+            flag, arg = "--recipe", "--recipe" + arg[len("--config") :]
+        if flag in ("-h", "--help"):
+            print("usage: codetune preview --config RECIPE.yaml [--rows N] [--out FILE] [--split train|validation]"
+                  " [--KEY.PATH VALUE ...]\n", flush=True)  # fmt: skip
+        value_follows = not eq and i + 1 < len(args) and not args[i + 1].startswith("--")
+        taken = [arg] + ([args[i + 1]] if value_follows else [])
+        if flag.startswith("--") and flag not in PREVIEW_OPTIONS:
+            overrides += [arg] if eq or not value_follows else [f"{arg}={args[i + 1]}"]
+        else:
+            out += taken
+        i += len(taken)
+    if overrides:
+        given: list[str] = []
+        if "--overrides" in out and out.index("--overrides") + 1 < len(out):
+            at = out.index("--overrides")
+            given = json.loads(out[at + 1])
+            del out[at : at + 2]
+        for a in [a for a in out if a.startswith("--overrides=")]:
+            given += json.loads(a.split("=", 1)[1])
+            out.remove(a)
+        out += ["--overrides", json.dumps([*given, *overrides])]
+    return out
+
+
+def recipe_help(command: str) -> str:
+    """The part of ``codetune fit|validate|test --help`` that is codetune's own, printed before Lightning's list."""
+    return f"""usage: codetune {command} --config RECIPE.yaml [--KEY.PATH VALUE ...]
+
+codetune's own options (the rest below are Lightning's Trainer, the model's and the data module's):
+  --config RECIPE.yaml  The recipe (recipes/*.yaml); give several and later ones override earlier ones.
+  --data DATA.yaml      Another data module (data_modules/*.yaml); a source list replaces the recipe's.
+  --ckpt_path PATH      Resume: a checkpoint, a run directory, or `last` (the newest run of this recipe).
+  --print_config        Print the resolved recipe, every default filled in, and exit.
+  --KEY.PATH VALUE      Override any recipe key, e.g. --trainer.max_steps 50,
+                        --model.init_args.optimizer.init_args.lr 1e-3, --data.init_args.seq_len 512.
+
+The options of one part:
+  --model.help codetune.modules.CausalLM   (or FIMStage, InstructStage, LongContextStage)
+  --data.help codetune.data.CodeDataModule
+  every key with its default: docs/recipe-reference.md; the full list of this command follows.
+"""
 
 
 def _print_result(result: Any) -> None:

@@ -66,21 +66,132 @@ def vocab_file(name: str, cache_dir: str | None = None) -> Path:
     return path
 
 
+# Bumped when the conversion below changes, so a cached folder from an older conversion is not reused.
+_CONVERSION = 2
+# GGUF token types (llama.cpp's llama_token_type): control tokens are special, user-defined ones are added text.
+_CONTROL, _USER_DEFINED = 3, 4
+
+DERIVED_VOCABULARIES: dict[str, tuple[str, dict[int, tuple[str, bool]]]] = {
+    # Qwen2.5-Coder's tokenizer is Qwen2's byte-level BPE with 22 added tokens at 151643-151664 (its
+    # tokenizer.json); llama.cpp's Qwen2 vocabulary has placeholders ([PAD151646] ...) at 151646-151664. The
+    # texts, ids and special flags below are Qwen2.5's own (special: markup tokens; not special: tool and
+    # FIM/repository tokens, which codetune's tokenizer builder makes special when it uses them).
+    "qwen2.5-coder": (
+        "qwen2",
+        {
+            **{
+                151646 + k: (f"<|{name}|>", True)
+                for k, name in enumerate(
+                    "object_ref_start object_ref_end box_start box_end quad_start quad_end vision_start "
+                    "vision_end vision_pad image_pad video_pad".split()
+                )
+            },
+            151657: ("<tool_call>", False),
+            151658: ("</tool_call>", False),
+            151659: ("<|fim_prefix|>", False),
+            151660: ("<|fim_middle|>", False),
+            151661: ("<|fim_suffix|>", False),
+            151662: ("<|fim_pad|>", False),
+            151663: ("<|repo_name|>", False),
+            151664: ("<|file_sep|>", False),
+        },
+    ),
+}
+"""Vocabularies llama.cpp does not ship but that are another one's with tokens renamed: name -> (the llama.cpp
+vocabulary, {token id: (text, special)})."""
+
+
 def tokenizer_folder(name: str, cache_dir: str | None = None) -> Path:
     """A Hugging Face tokenizer folder made from llama.cpp's vocabulary ``name`` (``starcoder``,
-    ``deepseek-coder``, ...), converted once by transformers' GGUF loader and cached: loading the folder takes
-    milliseconds, converting the GGUF file seconds. The tokens are as the GGUF file has them; codetune's
-    tokenizer builder registers the family's FIM, repository and file tokens as special where needed."""
-    folder = cache_root(cache_dir) / "llama.cpp" / f"{VERSION}-tokenizers" / name
+    ``deepseek-coder``, ``qwen2``, ...) or a derived one (:data:`DERIVED_VOCABULARIES`: ``qwen2.5-coder``),
+    converted once by transformers' GGUF loader and cached: loading the folder takes milliseconds, converting the
+    GGUF file seconds.
+
+    Every token the GGUF file marks as control or user-defined is registered as an added token at its own id,
+    with its own text (control tokens special). transformers' loader leaves some of them as ordinary vocabulary
+    entries in byte-level spelling (DeepSeek-Coder's ``<｜fim▁begin｜>`` as ``<ï½ľfimâĸģbeginï½ľ>``), which text
+    never matches, and then adds BOS/EOS again at new ids. codetune's tokenizer builder makes the family's FIM,
+    repository and file tokens special where the released tokenizer has them as plain added tokens.
+    """
+    folder = cache_root(cache_dir) / "llama.cpp" / f"{VERSION}-tokenizers-{_CONVERSION}" / name
     if (folder / "tokenizer_config.json").is_file():
         return folder
     from transformers import AutoTokenizer  # heavy: only when a vocabulary is converted
 
-    gguf = vocab_file(name, cache_dir)
+    base, renamed = DERIVED_VOCABULARIES.get(name, (name, {}))
+    gguf = vocab_file(base, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    texts, types = _gguf_tokens(gguf)
+    marked = {
+        i: (texts[i], kind == _CONTROL) for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)
+    }
+    marked.update(renamed)
     with atomic_folder(folder) as tmp:
         tokenizer.save_pretrained(tmp)
+        path = Path(tmp) / "tokenizer.json"
+        path.write_text(
+            json.dumps(
+                _with_added_tokens(json.loads(path.read_text(encoding="utf-8")), marked), ensure_ascii=False
+            ),
+            encoding="utf-8",
+        )
+        loaded = AutoTokenizer.from_pretrained(tmp)
+        wrong = [(i, t) for i, (t, _) in marked.items() if loaded.convert_tokens_to_ids(t) != i]
+        if len(loaded) != len(texts) or wrong:
+            raise ValueError(
+                f"converting llama.cpp's {gguf.name}: {len(loaded)} tokens for the file's {len(texts)}, "
+                f"tokens at other ids: {wrong[:5]}"
+            )
     return folder
+
+
+def _gguf_tokens(path: Path) -> tuple[list[str], list[int]]:
+    """The token texts and types of a GGUF vocabulary."""
+    from gguf import GGUFReader  # heavy: only when a vocabulary is converted
+
+    fields = GGUFReader(path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    texts = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
+    return texts, [int(types.parts[i][0]) for i in types.data]
+
+
+def _with_added_tokens(data: dict, marked: dict[int, tuple[str, bool]]) -> dict:
+    """A ``tokenizer.json`` whose added tokens are exactly ``marked`` ({id: (text, special)}), each at its id."""
+    vocab = data["model"]["vocab"]
+    by_id = {i: key for key, i in vocab.items()}
+    for i, (text, _) in marked.items():
+        key = by_id.get(i)
+        if key != text and text not in vocab:
+            # The added vocabulary takes a token's id from the model's entry of the same text: give it that entry.
+            vocab.pop(key, None)
+            vocab[text] = i
+    data["added_tokens"] = [
+        {
+            "id": i,
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": special,
+        }
+        for i, (text, special) in sorted(marked.items())
+    ]
+    ids = {text: i for i, (text, _) in marked.items()}
+
+    def point(node):  # the post-processor names BOS/EOS by text and id: the ids follow the text
+        if isinstance(node, dict):
+            if "special_tokens" in node and isinstance(node["special_tokens"], dict):
+                for token in node["special_tokens"].values():
+                    token["ids"] = [ids.get(t, i) for t, i in zip(token["tokens"], token["ids"], strict=True)]
+            for value in node.values():
+                point(value)
+        elif isinstance(node, list):
+            for value in node:
+                point(value)
+
+    point(data.get("post_processor"))
+    return data
 
 
 def reference_tokenizations(name: str, cache_dir: str | None = None) -> list[tuple[str, list[int]]]:

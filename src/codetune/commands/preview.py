@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,36 @@ def _datamodule(config: str, overrides: list[str]) -> Any:
         raise FileNotFoundError(f"preview: --config {config}: no such file")
     argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are passed explicitly, as `codetune fit` does
     try:
-        cli = _DataOnly(args=["--config", config, *overrides], run=False)
+        with _without_fit_keys(Path(config)) as recipe:
+            cli = _DataOnly(args=["--config", str(recipe), *overrides], run=False)
     finally:
         sys.argv = argv
     return cli.datamodule
+
+
+FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
+"""Arguments of ``Trainer.fit`` that LightningCLI saves at the top of a run's ``config.yaml``."""
+
+
+@contextmanager
+def _without_fit_keys(config: Path):
+    """The recipe without the keys only ``fit`` has (``ckpt_path``, ``weights_only``), which a run's saved ``config.yaml`` carries.
+    A saved config is fully resolved (nested YAMLs inlined), so its copy reads the same from a temporary folder."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        recipe = None  # the parser reports it in its own words
+    if not isinstance(recipe, dict) or not set(recipe) & set(FIT_ONLY_KEYS):
+        yield config
+        return
+    for key in FIT_ONLY_KEYS:
+        recipe.pop(key, None)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / config.name
+        copy.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        yield copy
 
 
 def _row_json(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:

@@ -14,13 +14,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codetune.data.repository import repo_tokens
 from codetune.data.sources import CodeFiles
+from codetune.llama_cpp import tokenizer_folder
 from codetune.storage import atomic_folder, cache_root
 
 log = logging.getLogger(__name__)
+
+LLAMA_CPP_PREFIX = "llama.cpp:"
+"""``tokenizer.name_or_path: llama.cpp:starcoder`` loads llama.cpp's vocabulary of that name
+(:func:`codetune.llama_cpp.tokenizer_folder`)."""
 
 TOKENIZER_FORMAT_VERSION = 1
 SENTINELS_KEY = "codetune_fim_sentinels"
@@ -60,6 +67,19 @@ SENTINEL_SETS: dict[str, FIMSentinels] = {
         end="<|endoftext|>",
         pad="<fim_pad>",
     ),
+    # DeepSeek-Coder (Guo et al. 2024 §3.1): PSM is begin-prefix, hole-suffix, end-middle; the document's
+    # end-of-sentence token ends the middle.
+    "deepseek-coder": FIMSentinels(
+        prefix="<｜fim▁begin｜>", suffix="<｜fim▁hole｜>", middle="<｜fim▁end｜>", end="<｜end▁of▁sentence｜>"
+    ),
+    # Qwen2.5-Coder (Hui et al. 2024 §3.1): StarCoder's layout with Qwen's spelling; <|endoftext|> ends the middle.
+    "qwen2.5-coder": FIMSentinels(
+        prefix="<|fim_prefix|>",
+        suffix="<|fim_suffix|>",
+        middle="<|fim_middle|>",
+        end="<|endoftext|>",
+        pad="<|fim_pad|>",
+    ),
 }
 
 
@@ -68,7 +88,7 @@ DEFAULT_SENTINELS = SENTINEL_SETS["codellama"]
 
 
 def resolve_sentinels(sentinels: str | FIMSentinels) -> FIMSentinels:
-    """Turn a sentinel-set name (``codellama``, ``codellama-hf``, ``starcoder``) or a custom set into a :class:`FIMSentinels`."""
+    """Turn a sentinel-set name (a key of :data:`SENTINEL_SETS`) or a custom set into a :class:`FIMSentinels`."""
     if isinstance(sentinels, FIMSentinels):
         return sentinels
     if isinstance(sentinels, dict):
@@ -101,12 +121,14 @@ class TokenizerSpec:
     """Where the tokenizer comes from and which FIM sentinels it carries."""
 
     name_or_path: str | None = None
-    """A Hugging Face tokenizer: local folder or Hub id. Leave empty to train one with ``train``."""
+    """A Hugging Face tokenizer: local folder or Hub id; ``llama.cpp:NAME`` is llama.cpp's vocabulary of a real
+    family (``starcoder``, ``deepseek-coder``, ``qwen2.5-coder``; see docs/tokenizers.md), fetched once. Leave
+    empty to train one with ``train``."""
     train: TrainTokenizer | None = None
     """Train a byte-level BPE tokenizer instead of loading one."""
     sentinels: str | FIMSentinels | None = None
     """FIM sentinel set: ``codellama``, ``codellama-hf`` (Code Llama's released vocabulary, ``▁<PRE>`` ...),
-    ``starcoder`` or custom strings. ``None``: the set a pretrained tokenizer already carries (its trained
+    ``starcoder``, ``deepseek-coder``, ``qwen2.5-coder`` or custom strings. ``None``: the set a pretrained tokenizer already carries (its trained
     rows are reused), else ``codellama`` (added as new tokens)."""
     add_missing_sentinels: bool = True
     """Add sentinels the tokenizer lacks as special tokens (the model then grows new embedding rows)."""
@@ -137,10 +159,19 @@ def build_tokenizer(spec: TokenizerSpec):
         tokenizer = _trained_tokenizer(spec.train, sentinels, cache_root(spec.cache_dir))
     ensure_sentinels(tokenizer, sentinels, add=spec.add_missing_sentinels)
     record_sentinels(tokenizer, sentinels)
+    # Released tokenizers carry some of these as plain added tokens (DeepSeek-Coder's and Qwen2.5-Coder's FIM
+    # tokens): literal text in a user's code would then match them, and decoding would not skip them.
+    repo = repo_tokens(tokenizer)
+    make_special(tokenizer, sentinels.tokens() + ([repo.repo_name, repo.file_sep] if repo else []))
     if tokenizer.pad_token is None:
-        # Packing pads only the final row; its labels are -100, so any id would do, but a distinct pad keeps
-        # decoded previews readable.
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        # Packing pads only the final row; its labels are -100, so any id would do. A pretrained base keeps its
+        # vocabulary (a new row would have to be trained or left random): its FIM pad (StarCoder2 <fim_pad>),
+        # else its end-of-text. A trained tokenizer has its own <pad>.
+        pad = sentinels.pad if sentinels.pad in tokenizer.get_vocab() else None
+        if spec.name_or_path is not None:
+            tokenizer.pad_token = pad or tokenizer.eos_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return tokenizer
 
 
@@ -160,6 +191,26 @@ def ensure_sentinels(tokenizer, sentinels: FIMSentinels, add: bool = True) -> li
     return missing
 
 
+def make_special(tokenizer, tokens: Sequence[str]) -> list[str]:
+    """Register each of ``tokens`` the tokenizer has as a special token at its existing id; return those changed."""
+    vocab = tokenizer.get_vocab()
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    changed = [t for t in tokens if t in vocab and t not in special]
+    if not changed:
+        return []
+    from tokenizers import AddedToken
+
+    before = [vocab[t] for t in changed]
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in changed]},
+        replace_extra_special_tokens=False,
+    )
+    after = tokenizer.convert_tokens_to_ids(changed)
+    if after != before:  # an added token takes the id the vocabulary has for its text; anything else is a bug
+        raise ValueError(f"registering {changed} as special tokens moved their ids {before} -> {after}")
+    return changed
+
+
 def backend_copy(tokenizer, text_only: bool = False):
     """A private copy of ``tokenizer``'s ``tokenizers`` backend without truncation or padding, so changing its
     settings never changes the caller's tokenizer. ``text_only`` turns special-token matching off: a literal
@@ -170,6 +221,34 @@ def backend_copy(tokenizer, text_only: bool = False):
     copy.no_truncation()
     copy.no_padding()
     return copy
+
+
+CONTINUATION_MARK = "\ue000"
+"""A character no BPE merge touches: prepended before encoding text that continues other text, then dropped, so
+SentencePiece-style tokenizers do not add their dummy leading space (Code Llama's ``encode_infilling`` prepends
+"☺" for the same reason)."""
+
+
+def adds_dummy_prefix(backend) -> bool:
+    """Whether ``backend`` (a ``tokenizers.Tokenizer``) encodes text at the start differently from the same text
+    after other text: a Metaspace pre-tokenizer, or a normaliser prepending "▁" (SentencePiece, Code Llama)."""
+    return continuation_ids(backend, "a", force=True) != backend.encode("a", add_special_tokens=False).ids
+
+
+def continuation_ids(backend, text: str, force: bool = False) -> list[int]:
+    """Ids of ``text`` as a continuation of other text: without the dummy leading space a SentencePiece-style
+    backend adds at the start (``force``: always encode behind the marker; otherwise only when ``text`` would
+    change). Byte-level BPE ids are those of a plain encode."""
+    if not text:
+        return []
+    enc = backend.encode(CONTINUATION_MARK + text, add_special_tokens=False)
+    keep = [i for i, (start, _) in enumerate(enc.offsets) if start >= len(CONTINUATION_MARK)]
+    if not keep or any(enc.offsets[i][1] > len(CONTINUATION_MARK) for i in range(keep[0])):
+        raise ValueError(
+            "cannot encode text without the tokenizer's dummy leading space: the marker "
+            f"{CONTINUATION_MARK!r} merged with the text; this tokenizer needs a different marker"
+        )
+    return enc.ids[keep[0] :]
 
 
 def added_bos(tokenizer) -> int | None:
@@ -232,6 +311,9 @@ def _check_not_another_set(tokenizer, sentinels: FIMSentinels) -> None:
 def _load_pretrained(spec: TokenizerSpec):
     from transformers import AutoTokenizer
 
+    if spec.name_or_path.startswith(LLAMA_CPP_PREFIX):
+        # A real family's vocabulary without the Hub: llama.cpp's pinned vocabulary files (fetched once).
+        return AutoTokenizer.from_pretrained(tokenizer_folder(spec.name_or_path[len(LLAMA_CPP_PREFIX) :]))
     path = Path(spec.name_or_path).expanduser()
     if spec.name_or_path.startswith((".", "/", "~")) and not path.exists():
         raise FileNotFoundError(f"tokenizer.name_or_path: {spec.name_or_path} does not exist")
