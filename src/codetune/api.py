@@ -18,10 +18,12 @@ from codetune.checkpoints import load_trained
 from codetune.commands.evaluate import TASKS, eval_report
 from codetune.commands.export import export as export_checkpoint
 from codetune.commands.fit import CodetuneCLI
+from codetune.commands.plan import plan as plan_recipe
 from codetune.commands.preview import preview as preview_recipe
 from codetune.commands.summary import checkpoint_path
-from codetune.eval.infilling import infill_one
+from codetune.eval.infilling import RepoContext, infill_one
 from codetune.modules.causal import CausalLM
+from codetune.planner import Plan
 
 
 @dataclass
@@ -87,6 +89,21 @@ def preview(
     )
 
 
+def plan(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    devices: int | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> Plan:
+    """The memory a recipe's training step needs per device, as ``codetune plan --config RECIPE`` prints it; loads
+    no weights and builds no data. ``plan.peak`` is the planned peak in bytes, ``plan.verdicts()`` says which common
+    GPUs it fits, ``plan.as_dict()`` has every part."""
+    recipe = _existing_recipe(recipe)
+    return plan_recipe(
+        str(recipe), devices=devices, model_config=model_config, overrides=list(overrides or [])
+    )
+
+
 def export(checkpoint: str | Path | FitResult, out: str | Path, **options: Any) -> Path:
     """Export a checkpoint (or a ``FitResult``) as a Hugging Face folder with a model card, as ``codetune export``.
 
@@ -136,8 +153,15 @@ def infill(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    context: dict[str, str] | None = None,
+    repo: str = "repo",
+    path: str = "file.py",
 ) -> str:
     """Fill in the code between ``prefix`` and ``suffix`` (strings); returns the middle.
+
+    ``context`` (``{path: code}`` of other files of the repository, in the order to show them: dependencies first)
+    makes the prompt repository-level, as ``codetune infill --context`` does: those files with their headers (the
+    base's repository/file tokens, else ``# repo/path`` comments), then the header of ``path``, then the FIM prompt.
 
     ``model`` is a path (exported folder, checkpoint or run directory, loaded as ``codetune eval`` loads it),
     a ``FitResult``, a codetune LightningModule, a ``(model, tokenizer)`` pair, or a Hugging Face model with
@@ -150,7 +174,19 @@ def infill(
             "infill: prefix and suffix are the code text itself (str); for files use `codetune infill`"
         )
     hf_model, tok = _model_and_tokenizer(model, tokenizer)
-    return infill_one(hf_model, tok, prefix, suffix, format, sentinels, max_new_tokens, temperature, seed)
+    repo_context = None if context is None else RepoContext(repo, tuple(context.items()), path)
+    return infill_one(
+        hf_model,
+        tok,
+        prefix,
+        suffix,
+        format,
+        sentinels,
+        max_new_tokens,
+        temperature,
+        seed,
+        context=repo_context,
+    )
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
