@@ -163,3 +163,45 @@ def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
     assert len(list(source.documents())) == 2
     assert source.skipped.counts == {"malformed_json": 1, "bad_conversation": 3}
     assert f"{path}:2" in source.skipped.examples["malformed_json"]
+
+
+CONVERSATIONS = [
+    MULTI_TURN,
+    [
+        {"role": "user", "content": "Please write a function."},
+        {"role": "assistant", "content": "def f():\n    pass"},
+    ],
+    [{"role": "user", "content": "sum 1..10"}, {"role": "assistant", "content": " 55 (a leading space)"}],
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "template"),
+    # Not StarCoder2 with ChatML: its markers are text there, and one call merges "." with the "<" after it,
+    # across the content/markup cut the encoder keeps so that content never matches special tokens.
+    [
+        ("sentencepiece", "codetune"),
+        ("sentencepiece", "chatml"),
+        ("byte-level", "codetune"),
+        ("starcoder2", "codetune"),
+    ],
+)
+def test_a_conversation_tokenizes_like_its_rendered_text(request, kind, template):
+    # Defect: each piece was encoded on its own, so SentencePiece put a dummy space at every piece boundary
+    # ("\n\n### Instruction\n Please ..."), and every assistant turn started with one.
+    if kind == "sentencepiece":
+        tokenizer = request.getfixturevalue("codellama_tokenizer")
+    elif kind == "byte-level":
+        tokenizer = request.getfixturevalue("tokenizer")
+    else:
+        from tests.vocabularies import family_tokenizer
+
+        tokenizer = family_tokenizer("starcoder2")
+    encoder = ChatEncoder(tokenizer, template)
+    for messages in CONVERSATIONS:
+        rendered = encoder.render(messages)
+        ids, labels = encoder.encode(messages)
+        # The oracle: the rendered text in one call (its markup has no literal special-token text).
+        assert ids == tokenizer(rendered)["input_ids"], rendered
+        body = ids[1:] if ids[:1] == [tokenizer.bos_token_id] else ids
+        assert tokenizer.decode(body, skip_special_tokens=False) == rendered

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from codetune.data.batch import IGNORE_INDEX
 from codetune.data.sources import Document, SkipReport, _check_on_error, bad_record, jsonl_records
-from codetune.data.tokenizer import added_bos, backend_copy
+from codetune.data.tokenizer import added_bos, adds_dummy_prefix, backend_copy, continuation_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -215,6 +215,9 @@ class ChatEncoder:
         self._markup = backend_copy(tokenizer)
         self._text = backend_copy(tokenizer, text_only=True)
         self.bos_id = added_bos(tokenizer)
+        # SentencePiece-style tokenizers put a dummy space before every separately encoded piece: every piece
+        # but the first is encoded as a continuation, so the ids are those of the rendered text.
+        self._continues = adds_dummy_prefix(self._text)
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The conversation as the template lays it out (text, not tokens)."""
@@ -268,8 +271,12 @@ class ChatEncoder:
     def _ids(self, pieces: list[tuple[str, bool, bool]]) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
-        for text, is_content, trained in pieces:
-            piece = (self._text if is_content else self._markup).encode(text, add_special_tokens=False).ids
+        for k, (text, is_content, trained) in enumerate(pieces):
+            backend = self._text if is_content else self._markup
+            if k and self._continues:
+                piece = continuation_ids(backend, text)
+            else:
+                piece = backend.encode(text, add_special_tokens=False).ids
             ids.extend(piece)
             labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
         if self.bos_id is not None and ids[:1] != [self.bos_id]:

@@ -40,6 +40,7 @@ from codetune.data.tokenizer import (
     FIMSentinels,
     added_bos,
     backend_copy,
+    continuation_ids,
     fim_sentinels,
     resolve_sentinels,
 )
@@ -51,10 +52,6 @@ def _marker(path: str) -> str:
     return language_of(path)[1]
 
 
-# A character no BPE merge touches: prepended before encoding text that continues a line, then dropped,
-# so SentencePiece-style tokenizers do not add their dummy leading space (Code Llama's `encode_infilling`
-# prepends "☺" for the same reason).
-_CONTINUATION_MARK = "\ue000"
 _TWO_64 = 1 << 64
 
 
@@ -252,14 +249,7 @@ class FIMTransform:
 
     def _marked_ids(self, text: str) -> list[int]:
         """Ids of ``text`` encoded behind a marker character, with the marker's tokens dropped."""
-        enc = self._tok.encode(_CONTINUATION_MARK + text, add_special_tokens=False)
-        keep = [i for i, (start, _) in enumerate(enc.offsets) if start >= len(_CONTINUATION_MARK)]
-        if not keep or any(enc.offsets[i][1] > len(_CONTINUATION_MARK) for i in range(keep[0])):
-            raise ValueError(
-                "cannot encode a FIM piece without the tokenizer's dummy leading space: the marker "
-                f"{_CONTINUATION_MARK!r} merged with the text; this tokenizer needs a different marker"
-            )
-        return enc.ids[keep[0] :]
+        return continuation_ids(self._tok, text, force=True)
 
     def encode_document(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Plain (causal) ids of a whole document with each token's character span; BOS as the tokenizer adds it.

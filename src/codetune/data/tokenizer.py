@@ -223,6 +223,34 @@ def backend_copy(tokenizer, text_only: bool = False):
     return copy
 
 
+CONTINUATION_MARK = "\ue000"
+"""A character no BPE merge touches: prepended before encoding text that continues other text, then dropped, so
+SentencePiece-style tokenizers do not add their dummy leading space (Code Llama's ``encode_infilling`` prepends
+"☺" for the same reason)."""
+
+
+def adds_dummy_prefix(backend) -> bool:
+    """Whether ``backend`` (a ``tokenizers.Tokenizer``) encodes text at the start differently from the same text
+    after other text: a Metaspace pre-tokenizer, or a normaliser prepending "▁" (SentencePiece, Code Llama)."""
+    return continuation_ids(backend, "a", force=True) != backend.encode("a", add_special_tokens=False).ids
+
+
+def continuation_ids(backend, text: str, force: bool = False) -> list[int]:
+    """Ids of ``text`` as a continuation of other text: without the dummy leading space a SentencePiece-style
+    backend adds at the start (``force``: always encode behind the marker; otherwise only when ``text`` would
+    change). Byte-level BPE ids are those of a plain encode."""
+    if not text:
+        return []
+    enc = backend.encode(CONTINUATION_MARK + text, add_special_tokens=False)
+    keep = [i for i, (start, _) in enumerate(enc.offsets) if start >= len(CONTINUATION_MARK)]
+    if not keep or any(enc.offsets[i][1] > len(CONTINUATION_MARK) for i in range(keep[0])):
+        raise ValueError(
+            "cannot encode text without the tokenizer's dummy leading space: the marker "
+            f"{CONTINUATION_MARK!r} merged with the text; this tokenizer needs a different marker"
+        )
+    return enc.ids[keep[0] :]
+
+
 def added_bos(tokenizer) -> int | None:
     """The BOS id when ``tokenizer`` itself puts one before encoded text (Llama, Code Llama), else None."""
     bos = getattr(tokenizer, "bos_token_id", None)
