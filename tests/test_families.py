@@ -123,3 +123,24 @@ def test_a_named_llama_cpp_vocabulary_loads_without_the_hub():
     vocabulary("starcoder")  # or a skip
     tokenizer = build_tokenizer(TokenizerSpec(name_or_path="llama.cpp:starcoder"))
     assert fim_sentinels(tokenizer) == SENTINEL_SETS["starcoder"] and len(tokenizer) == 49152
+
+
+@pytest.mark.parametrize("kind", ["codellama", "codellama-hf", *FAMILIES])
+def test_the_model_cards_fim_snippet_builds_the_training_prompt(request, kind):
+    # Defect: the card's snippet tokenized with add_special_tokens=False and no space after ▁<PRE>, so for
+    # Code Llama's vocabulary it lost BOS and the prefix's dummy space.
+    from codetune.exports.card import fim_prompt_code
+
+    if kind == "codellama":
+        tokenizer = request.getfixturevalue("tokenizer")
+    elif kind == "codellama-hf":
+        tokenizer = request.getfixturevalue("codellama_tokenizer")
+    else:
+        tokenizer = family_tokenizer(kind)
+    code = fim_prompt_code(tokenizer)
+    assert code is not None
+    transform = family_transform(kind) if kind in FAMILIES else FIMTransform(FIMConfig(), tokenizer)
+    for prefix, suffix in CASES:
+        scope = {"tokenizer": tokenizer, "prefix": prefix, "suffix": suffix}
+        exec(code, scope)
+        assert scope["ids"]["input_ids"][0].tolist() == transform.encode_infill_prompt(prefix, suffix, "psm")

@@ -91,3 +91,30 @@ def test_the_data_module_trains_on_repository_documents_and_reports_the_skips(gi
         assert "".join(p for _, p in pieces) == text
         files += [p.split(" mixed/", 1)[1].strip() for k, p in pieces if k == 0 and " mixed/" in p]
     assert sorted(files) == sorted([*repos.TRACKED_TEXT, ".gitignore"])
+
+
+TINY_TOKENIZER = "--data.init_args.tokenizer={train: {corpus: '@stdlib', vocab_size: 1024, max_files: 60}, name_or_path: null}"
+
+
+def json_source_override(git_repos) -> str:
+    return (
+        "--data.init_args.sources=[{class_path: codetune.data.git.GitRepos, "
+        f"init_args: {{path: '{git_repos['json']}', name: repo}}}}]"
+    )
+
+
+def test_preview_shows_the_file_boundaries_of_repository_documents(git_repos, capsys):
+    from codetune.commands.preview import preview
+    from tests.conftest import REPO
+
+    recipe = str(REPO / "recipes" / "tiny-repo-fim.yaml")
+    result = preview(recipe, rows=2, overrides=[TINY_TOKENIZER, json_source_override(git_repos)])
+    printed = capsys.readouterr().err
+    assert "repository documents (files in order, as their headers read):" in printed
+    spans = [s for r in result["rows"] for s in r["documents"]]
+    assert any(f["path"].startswith("# json/") for s in spans for f in s["files"])
+    for row in result["rows"]:
+        for span in row["documents"]:
+            for f in span.get("files", []):  # each boundary points at its header in the row's text
+                assert row["text"][f["at"] :].startswith(f["path"])
+    assert "skipped" in result["summary"] and "row 0 json#" in printed

@@ -257,9 +257,11 @@ def test_codetune_fit_ckpt_path_last_resumes_a_killed_run_exactly(tmp_path):
             "last",
         ]
     )
-    resumed = torch.load(run / "lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    # the resumed run continues the killed one in its folder (issue 14 #9), not in a new version_1
+    assert sorted(p.name for p in (run / "lightning_logs").iterdir()) == ["version_0"]
+    resumed = torch.load(run / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert resumed["global_step"] == steps
-    assert_same_weights(_final_weights(run, 1), _final_weights(tmp_path / "ref", 0))
+    assert_same_weights(_final_weights(run, 0), _final_weights(tmp_path / "ref", 0))
 
 
 def test_ckpt_path_that_does_not_exist_is_a_one_line_error(tmp_path):

@@ -125,3 +125,23 @@ def test_tiny_model_retrieval_runs_end_to_end(tmp_path, tokenizer):
     assert set(results["scores"]["accuracy"]["256"]) == {"0", "1"}
     assert json.loads((out / "retrieval_results.json").read_text())["num_tasks"] == 2
     assert len((out / "retrieval_samples.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece", "starcoder2"])
+def test_prompts_end_at_a_token_boundary_of_the_answered_text(request, corpus, kind):
+    # Defect: prompts ended in "== ", a lone space token with byte-level BPE, where code has "Ġ42".
+    if kind == "byte-level":
+        tokenizer = request.getfixturevalue("tokenizer")
+    elif kind == "sentencepiece":
+        tokenizer = request.getfixturevalue("codellama_tokenizer")
+    else:
+        from tests.vocabularies import family_tokenizer
+
+        tokenizer = family_tokenizer("starcoder2")
+    for task in build_tasks(tokenizer, corpus, lengths=(256,), positions=(0.5,), samples=2, seed=0):
+        prompt = tokenizer.decode(task.input_ids, skip_special_tokens=True)
+        context = prompt[: prompt.rindex("assert my_function()")]
+        # The line as code writes it, tokenized in one call.
+        answered = tokenizer(context + f"assert my_function() == {task.value}\n")["input_ids"]
+        assert answered[: len(task.input_ids)] == task.input_ids
+        assert parse_answer(f" {task.value}\n") == task.value

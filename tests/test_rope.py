@@ -337,3 +337,16 @@ def test_bf16_true_keeps_the_rotary_frequencies_in_float32():
     # what the attention sees: cos/sin of the right angles, rounded to bf16 only at the end
     torch.testing.assert_close(cos[0, :, :64].double(), angles.cos(), atol=8e-3, rtol=0)
     torch.testing.assert_close(sin[0, :, :64].double(), angles.sin(), atol=8e-3, rtol=0)
+
+    # A rank that built the model on the meta device gets its tables from rank 0 (FSDP2), then the bf16 cast
+    from codetune.model.rope import remember_rotary_tables
+
+    meta = load_model(ModelSpec(config=config), meta=True).to_empty(device="cpu")
+    meta.model.rotary_emb.inv_freq.copy_(model.model.rotary_emb.inv_freq)  # what the broadcast does
+    remember_rotary_tables(meta)
+    meta = HalfPrecision("bf16-true").convert_module(meta)
+    meta.model.rotary_emb(x, positions)
+    assert meta.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(
+        meta.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=0, atol=0
+    )

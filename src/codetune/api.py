@@ -20,7 +20,7 @@ from codetune.commands.export import export as export_checkpoint
 from codetune.commands.fit import CodetuneCLI
 from codetune.commands.preview import preview as preview_recipe
 from codetune.commands.summary import checkpoint_path
-from codetune.eval.infilling import infill_one
+from codetune.eval.infilling import RepoContext, infill_one
 from codetune.modules.causal import CausalLM
 
 
@@ -136,8 +136,15 @@ def infill(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int = 0,
+    context: dict[str, str] | None = None,
+    repo: str = "repo",
+    path: str = "file.py",
 ) -> str:
     """Fill in the code between ``prefix`` and ``suffix`` (strings); returns the middle.
+
+    ``context`` (``{path: code}`` of other files of the repository, in the order to show them: dependencies first)
+    makes the prompt repository-level, as ``codetune infill --context`` does: those files with their headers (the
+    base's repository/file tokens, else ``# repo/path`` comments), then the header of ``path``, then the FIM prompt.
 
     ``model`` is a path (exported folder, checkpoint or run directory, loaded as ``codetune eval`` loads it),
     a ``FitResult``, a codetune LightningModule, a ``(model, tokenizer)`` pair, or a Hugging Face model with
@@ -150,7 +157,19 @@ def infill(
             "infill: prefix and suffix are the code text itself (str); for files use `codetune infill`"
         )
     hf_model, tok = _model_and_tokenizer(model, tokenizer)
-    return infill_one(hf_model, tok, prefix, suffix, format, sentinels, max_new_tokens, temperature, seed)
+    repo_context = None if context is None else RepoContext(repo, tuple(context.items()), path)
+    return infill_one(
+        hf_model,
+        tok,
+        prefix,
+        suffix,
+        format,
+        sentinels,
+        max_new_tokens,
+        temperature,
+        seed,
+        context=repo_context,
+    )
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------

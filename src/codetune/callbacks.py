@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from codetune.checkpoints.integrity import NonFiniteError, non_finite
 from codetune.data.batch import real_tokens
 
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (NVIDIA data sheets, without sparsity). Lightning's own table
@@ -75,7 +76,27 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, without its "Epoch 0/-2" label when the run is bounded by steps."""
+    """Lightning's rich progress bar; a run bounded by steps counts optimizer steps of the whole run.
+
+    Lightning's bar counts the batches of the current epoch against the epoch's length, so a resumed run shows
+    ``18/29 ... 40/29`` and every epoch starts again at 0; a step-bounded run (``max_steps``, no ``max_epochs``)
+    shows ``step/max_steps`` instead, continued across resumes, without the "Epoch 0/-2" label.
+    """
+
+    def _steps_bounded(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs is not None and trainer.max_epochs < 0 and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self._steps_bounded():
+            return self.trainer.max_steps
+        return super().total_train_batches
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._steps_bounded():
+            batch_idx = trainer.global_step - 1  # the bar shows batch_idx + 1
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _get_train_description(self, current_epoch: int) -> str:
         if (
@@ -176,6 +197,34 @@ class Throughput(L.Callback):
             self.mfu = self._flops_per_token * tokens_per_s / (self._peak * trainer.world_size)
             pl_module.log("mfu", self.mfu, prog_bar=True, on_step=True)
         self._window_start, self._batches, self._tokens, self._real = None, 0, 0, 0
+
+
+class StopOnNonFinite(L.Callback):
+    """Stops a run, with one clear error, at the first optimizer step whose loss or trained weights are not finite.
+
+    Checked after every training batch and before the checkpoint callbacks of that batch run (Lightning runs them
+    last), so no checkpoint of the broken weights is written and ``last`` keeps the newest good state. All ranks
+    agree on the decision (each checks its own shards), so none is left waiting in a collective.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        bad_loss = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
+        trained = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        broken = non_finite(trained)
+        if not trainer.strategy.reduce_boolean_decision(bad_loss or bool(broken), all=False):
+            return
+        saved = getattr(trainer.checkpoint_callback, "last_model_path", None) or "none yet"
+        what = (
+            f"{len(broken)} trained weights hold NaN or infinite values ({', '.join(broken[:2])})"
+            if broken
+            else "the weights are still finite"
+        )
+        raise NonFiniteError(
+            f"step {trainer.global_step}: the training loss is {float(loss) if isinstance(loss, torch.Tensor) else loss}"
+            f" and {what}; stopped without saving them (newest checkpoint: {saved}). Lower the learning rate or "
+            "raise trainer.gradient_clip_val, then resume from that checkpoint or start again"
+        )
 
 
 class StepStats(L.Callback):

@@ -13,7 +13,13 @@ from typing import Any
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol as is_local_path
 from lightning.fabric.utilities.load import _load_distributed_checkpoint as load_distributed_checkpoint
 
-__all__ = ["OVERRIDDEN", "evaluate_under_no_grad", "is_local_path", "load_distributed_checkpoint"]
+__all__ = [
+    "OVERRIDDEN",
+    "evaluate_under_no_grad",
+    "is_local_path",
+    "load_distributed_checkpoint",
+    "request_graceful_stop",
+]
 
 
 def evaluate_under_no_grad(trainer: Any) -> None:
@@ -35,6 +41,12 @@ def evaluate_under_no_grad(trainer: Any) -> None:
         loop.inference_mode = False
 
 
+def request_graceful_stop(trainer) -> None:
+    """Make ``trainer`` stop at the end of the current training step exactly as on SIGTERM (Lightning's loops then
+    raise ``SIGTERMException``); Lightning has no public way to ask for that from a signal handler."""
+    trainer._signal_connector.received_sigterm = True
+
+
 OVERRIDDEN: dict[str, tuple[str, ...]] = {
     # AtomicCheckpoint: writes under a temporary name, finds `last` of earlier run versions.
     "lightning.pytorch.callbacks.ModelCheckpoint": (
@@ -43,7 +55,13 @@ OVERRIDDEN: dict[str, tuple[str, ...]] = {
         "_ModelCheckpoint__resolve_ckpt_dir",
         "_last_global_step_saved",
         "_last_checkpoint_saved",
+        # on an interruption: save `last` now; `last` as a hard link to the checkpoint just written.
+        "_save_last_checkpoint",
+        "_monitor_candidates",
+        "_link_checkpoint",
     ),
+    # request_graceful_stop: the flag Lightning's SIGTERM handler sets.
+    "lightning.pytorch.trainer.connectors.signal_connector._SignalConnector": ("received_sigterm",),
     # CodetuneCLI: checks --ckpt_path without torch.load-ing the whole checkpoint.
     "lightning.pytorch.cli.LightningCLI": ("_parse_ckpt_path",),
     # ProgressBar: "Epoch 0" instead of "Epoch 0/-2" for step-bounded runs.

@@ -9,8 +9,11 @@ no RNG state, and writes checkpoints in place (a sharded FSDP checkpoint is a fo
   not change its training randomness, and a checkpoint taken just before validation resumes exactly.
 - :class:`AtomicCheckpoint` (Lightning's ``ModelCheckpoint``) writes every checkpoint — a ``.ckpt`` file or a
   sharded folder — next to its final name and renames it into place once complete, so a process killed while
-  saving leaves the previous checkpoint intact. ``ckpt_path="last"`` also finds the newest ``last`` of earlier
-  runs in the same log folder (each ``codetune fit`` logs to a new ``version_N``).
+  saving leaves the previous checkpoint intact; what a killed save left behind is removed when the run starts
+  again. ``last`` is a hard link to the newest checkpoint where one was just written (one copy on disk, not two).
+  ``ckpt_path="last"`` also finds the newest ``last`` of earlier runs in the same log folder.
+- An interrupted run (SIGTERM from a scheduler, Ctrl-C) stops at the end of the current step, saves ``last``
+  and exits with 143 / 130 (:class:`GracefulStop`); a second Ctrl-C stops at once, without saving.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -28,9 +33,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from codetune.lightning_private import is_local_path
+from codetune.checkpoints.locate import intact
+from codetune.lightning_private import is_local_path, request_graceful_stop
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +159,22 @@ class AtomicCheckpoint(ModelCheckpoint):
     Every checkpoint is written to ``<name>.partial`` and renamed to ``<name>`` when complete. A file replaces
     its predecessor in one ``os.replace``; a sharded folder cannot, so the old folder is first renamed to
     ``<name>.previous`` and removed after the new one is in place; a run killed between the two renames gets its
-    ``.previous`` back when ``last`` is next looked up. Remote (non-local) paths are written as Lightning does.
+    ``.previous`` back when ``last`` is next looked up, and the ``.partial`` of a killed save is removed when the
+    run starts again. Remote (non-local) paths are written as Lightning does.
+
+    ``save_last: link`` (the default of ``codetune fit``) makes ``last`` a hard link to the checkpoint written
+    at the same step, so the weights are on disk once; where hard links are impossible, a relative symbolic
+    link, then a copy. On an interruption (:class:`GracefulStop`) ``last`` itself is written.
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            own_dir = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
+            if is_local_path(str(own_dir)):
+                for folder in [own_dir, *_sibling_checkpoint_dirs(own_dir)]:
+                    recover(folder)
+                    remove_partials(folder)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         if not is_local_path(filepath):
@@ -173,6 +194,29 @@ class AtomicCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        # Lightning removes `last` and then symlinks it: a kill in between leaves no `last`, and a symlink dangles
+        # once the checkpoint it names is rotated out. A hard link, made beside and renamed over `last`, has neither
+        # problem and shares the bytes.
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link_or_copy(Path(filepath), Path(linkpath))
+        trainer.strategy.barrier("AtomicCheckpoint.link")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+        interrupted = isinstance(exception, SIGTERMException) and stop is not None and stop.safe_to_save
+        if not interrupted or not self.save_last or self._last_global_step_saved == trainer.global_step:
+            return super().on_exception(trainer, pl_module, exception)  # saves only with save_on_exception
+        # Stopped between two steps: a consistent state, worth keeping. `last` is written itself, not linked to
+        # an older checkpoint.
+        save_last, self.save_last = self.save_last, True
+        try:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self.save_last = save_last
+        stop.saved = self.last_model_path
+
     def _find_last_checkpoints(self, trainer) -> set[str]:
         own_dir = Path(self._ModelCheckpoint__resolve_ckpt_dir(trainer))
         if is_local_path(str(own_dir)):
@@ -183,24 +227,155 @@ class AtomicCheckpoint(ModelCheckpoint):
         # A new `codetune fit` logs to a new run folder (version_N, or a W&B run id): its own checkpoint folder
         # is empty; the candidates are the `last` checkpoints of the earlier runs beside it, of which Lightning
         # takes the newest.
-        for run in own_dir.parent.parent.iterdir() if own_dir.parent.parent.is_dir() else []:
-            checkpoints = run / "checkpoints"
-            if run == own_dir.parent or not checkpoints.is_dir():
-                continue
+        for checkpoints in _sibling_checkpoint_dirs(own_dir):
             recover(checkpoints)
-            found |= {
-                os.path.normpath(p)
-                for p in checkpoints.iterdir()
-                if p.suffix == self.FILE_EXTENSION
-                and re.match(rf"^{self.CHECKPOINT_NAME_LAST}(-v\d+)?$", p.stem)
-            }
+            found |= {str(p) for p in last_checkpoints(checkpoints)}
         return found
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C and SIGTERM stop the run at the end of the current training step, where ``last`` can be saved.
+
+    Lightning already turns SIGTERM (what SLURM and Kubernetes send before a kill) into a stop at the end of the
+    step, but then exits with status 0, as if the run had finished. Here the first Ctrl-C does the same, a second
+    one stops at once (nothing saved: a step cut in half is not a state to resume from). :class:`AtomicCheckpoint`
+    saves ``last`` when the stop came between two training steps; the CLI exits with 143 (SIGTERM) or 130
+    (Ctrl-C) and prints the command that resumes.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        """The signal that stopped the run (``signal.SIGINT``/``SIGTERM``), None while it runs."""
+        self.saved: str | None = None
+        """``last`` as saved on the stop (None: nothing new to save, or not at a safe point)."""
+        self.step: int | None = None
+        self._previous_sigint: Any = None
+        self._stage: RunningStage | None = None
+
+    @property
+    def safe_to_save(self) -> bool:
+        """Stopped between training steps (not inside a validation, whose loop state a checkpoint would cut)."""
+        return self._stage == RunningStage.TRAINING
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.signal, self.saved = None, None
+        self._stage = RunningStage.TRAINING
+        if not _main_thread():
+            return
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame) -> None:
+            if self.signal == signal.SIGINT:  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.signal = signal.SIGINT
+            request_graceful_stop(trainer)
+            if trainer.is_global_zero:
+                print(
+                    "\ncodetune: stopping after this step and saving last (Ctrl-C again stops at once, unsaved)",
+                    flush=True,
+                )
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stage = RunningStage.VALIDATING
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._stage = RunningStage.TRAINING
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            self.signal = self.signal or (
+                signal.SIGTERM if isinstance(exception, SIGTERMException) else signal.SIGINT
+            )
+            self.step = trainer.global_step
+            if isinstance(exception, KeyboardInterrupt):
+                self._stage = None  # cut mid-step
+        self._restore()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous_sigint is not None and _main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sibling_checkpoint_dirs(own_dir: Path) -> list[Path]:
+    """The ``checkpoints`` folders of the other runs logged beside this one (``<name>/version_*/checkpoints``)."""
+    run = own_dir.parent
+    if not run.parent.is_dir():
+        return []
+    return [p / "checkpoints" for p in run.parent.iterdir() if p != run and (p / "checkpoints").is_dir()]
+
+
+_LAST = re.compile(r"^last(-v\d+)?\.ckpt$")
+
+
+def last_checkpoints(folder: Path) -> list[Path]:
+    """The ``last`` checkpoints in a ``checkpoints`` folder (never a ``.partial`` or ``.previous``)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if _LAST.match(p.name) and (p.exists() or p.is_symlink())]
+
+
+def run_checkpoints(root: str | Path) -> list[Path]:
+    """Every checkpoint (file or sharded folder) under a run root: ``<root>/<name>/<version>/checkpoints/*.ckpt``
+    and ``<root>/checkpoints/*.ckpt`` (no logger)."""
+    root = Path(root).expanduser()
+    found = [*root.glob("*/*/checkpoints/*.ckpt"), *root.glob("checkpoints/*.ckpt")]
+    return [p for p in found if p.exists()]
+
+
+def newest_intact(candidates: list[Path]) -> Path | None:
+    """The most recently written of ``candidates`` that passes the cheap structural check."""
+    whole = [p for p in candidates if p.exists() and intact(p)]
+    return max(whole, key=lambda p: p.stat().st_mtime) if whole else None
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Remove what killed saves left in ``folder`` (``*.partial`` files and folders; codetune's names only)."""
+    removed = []
+    for partial in folder.glob(f"*.ckpt{PARTIAL_SUFFIX}") if folder.is_dir() else []:
+        log.info("removing %s, left by a save that was killed", partial)
+        _remove(partial)
+        removed.append(partial)
+    return removed
+
+
+def link_or_copy(target: Path, link: Path) -> None:
+    """Make ``link`` name the same checkpoint as ``target``, atomically: a hard link for a file, else a relative
+    symbolic link (a sharded folder, or a filesystem without hard links), else a copy."""
+    tmp = link.with_name(link.name + PARTIAL_SUFFIX)
+    _remove(tmp)
+    try:
+        if target.is_file():
+            os.link(target, tmp)
+        else:
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+    except OSError:
+        try:
+            os.symlink(os.path.relpath(target, link.parent), tmp)
+        except OSError:
+            log.warning("cannot link %s to %s on this filesystem: copying it", link, target)
+            _remove(tmp)
+            if target.is_dir():
+                shutil.copytree(target, tmp)
+            else:
+                shutil.copy2(target, tmp)
+    commit(tmp, link)
 
 
 def commit(partial: Path, final: Path) -> None:
     """Move a completely written checkpoint (file or folder) to its final name, atomically for files."""
     _fsync_tree(partial)
-    if partial.is_file() and not final.is_dir():
+    if (partial.is_file() or partial.is_symlink()) and not (final.is_dir() and not final.is_symlink()):
         os.replace(partial, final)
     else:
         previous = final.with_name(final.name + PREVIOUS_SUFFIX)

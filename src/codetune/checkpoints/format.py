@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from codetune.checkpoints.integrity import already_verified, mark_verified, verify_checksums
 from codetune.checkpoints.locate import Location, locate
 from codetune.errors import first_line
 from codetune.lightning_private import load_distributed_checkpoint
@@ -87,6 +88,9 @@ def read_checkpoint(path: str | Path | Location) -> TrainedCheckpoint:
     if location.kind != "checkpoint":
         raise ValueError(f"{location.path} is an exported model folder, not a training checkpoint")
     raw = _load_raw(location.path)
+    if not already_verified(location.path):
+        verify_checksums(raw, location.path)
+        mark_verified(location.path)
     hparams = raw.get("hyper_parameters") or {}
     if MODEL_HPARAM not in hparams or "state_dict" not in raw:
         raise ValueError(
@@ -172,6 +176,19 @@ def quantized_keys(state_dict: dict[str, torch.Tensor]) -> set[str]:
         elif not value.is_floating_point() and key.endswith(".weight"):
             found.add(key)
     return found
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Verify a checkpoint file's checksums (its tensors memory-mapped, so only what is summed is read) and return
+    it; ``{}`` for a sharded folder (its shards are not summed, see :mod:`codetune.checkpoints.integrity`)."""
+    path = Path(path)
+    if path.is_dir():
+        return {}
+    raw = _load_raw(path)
+    if not already_verified(path):
+        verify_checksums(raw, path)
+        mark_verified(path)
+    return raw
 
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -55,7 +56,9 @@ def locate(path: str | Path) -> Location:
         return Location("checkpoint", given, _run_dir_of(given))
     if given.name == "checkpoints":
         return Location("checkpoint", _checkpoint_in(given), given.parent)
-    run_dir = given if (given / "checkpoints").is_dir() else _newest_version(given)
+    if (given / "checkpoints").is_dir():
+        return Location("checkpoint", _checkpoint_in(given / "checkpoints"), given)
+    run_dir = _newest_version(given)
     if run_dir is None:
         raise FileNotFoundError(
             f"{path}: not a checkpoint, run directory or model folder (expected a .ckpt file, a run folder "
@@ -65,23 +68,51 @@ def locate(path: str | Path) -> Location:
 
 
 def _newest_version(folder: Path) -> Path | None:
-    """``folder`` or its ``lightning_logs`` holding ``version_N`` runs → the highest N (None if there are none)."""
+    """``folder`` or its ``lightning_logs`` holding ``version_N`` runs → the highest N that holds an intact
+    checkpoint (a newer one holding only what a killed save left is passed over, and said so); None if there are
+    no runs. Without any intact checkpoint, the highest N (its lookup then says what is missing)."""
     for parent in (folder / "lightning_logs", folder):
         versions = sorted(
             (int(m.group(1)), p)
             for p in parent.glob("version_*")
             if (m := _VERSION.match(p.name)) and (p / "checkpoints").is_dir()
         )
-        if versions:
-            if len(versions) > 1:
-                log.info("%s holds %d runs; using the newest, %s", folder, len(versions), versions[-1][1])
-            return versions[-1][1]
+        if not versions:
+            continue
+        for _, run in reversed(versions):
+            if any(intact(p) for p in (run / "checkpoints").glob("*.ckpt")):
+                if run != versions[-1][1]:
+                    log.warning(
+                        "%s: the newest run, %s, holds no intact checkpoint; using %s",
+                        folder,
+                        versions[-1][1].name,
+                        run.name,
+                    )
+                elif len(versions) > 1:
+                    log.info("%s holds %d runs; using the newest, %s", folder, len(versions), run)
+                return run
+        return versions[-1][1]
     return None
 
 
+def intact(checkpoint: Path) -> bool:
+    """A whole checkpoint by its structure (a complete zip file, or a sharded folder with its index): cheap, no
+    tensor is read; checksums are verified when it is read."""
+    if checkpoint.is_dir():
+        return (checkpoint / DISTRIBUTED_METADATA).is_file()
+    return checkpoint.is_file() and checkpoint.stat().st_size > 0 and zipfile.is_zipfile(checkpoint)
+
+
 def _checkpoint_in(folder: Path) -> Path:
-    if (folder / LAST_CHECKPOINT).exists():
+    if (folder / LAST_CHECKPOINT).exists() and intact(folder / LAST_CHECKPOINT):
         return folder / LAST_CHECKPOINT
+    if (folder / LAST_CHECKPOINT).exists():
+        others = sorted((p for p in folder.glob("*.ckpt") if p.name != LAST_CHECKPOINT and intact(p)),
+                        key=lambda p: p.stat().st_mtime)  # fmt: skip
+        hint = f"; the newest intact one beside it is {others[-1]}" if others else ""
+        raise FileNotFoundError(
+            f"{folder / LAST_CHECKPOINT}: not a whole checkpoint (empty or cut off){hint}; pass that one"
+        )
     found = sorted(folder.glob("*.ckpt"))
     if len(found) == 1:
         return found[0]

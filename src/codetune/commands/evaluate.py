@@ -12,14 +12,19 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from codetune.checkpoints import Location, load_trained, locate
 from codetune.checkpoints.trained import peek_trained
+from codetune.commands.preview import recipe_datamodule
+from codetune.data.corpus import curated_documents
+from codetune.data.git import GitRepos
 from codetune.eval import humaneval as he
 from codetune.eval import infilling as inf
 from codetune.eval import mbpp
+from codetune.eval import repository as repo_eval
 from codetune.eval.perplexity import check_lengths, held_out_streams, perplexity_by_length
 from codetune.eval.report import comparison_table, read_scores, run_labels, scores_of
 from codetune.eval.retrieval import DEFAULT_POSITIONS, load_corpus, run_retrieval
@@ -235,8 +240,11 @@ def evaluate_infilling(
     model: str,
     mode: Literal["single-line", "multi-line", "random-span", "random-span-light"] = "single-line",
     format: Literal["psm", "spm"] = "psm",
-    tasks: Literal["official", "derived"] = "official",
+    tasks: Literal["official", "derived", "repository"] = "official",
     data_dir: str | None = None,
+    recipe: str | None = None,
+    source: str | None = None,
+    max_prompt_tokens: int = 2048,
     sentinels: str | None = None,
     limit: int | None = None,
     per_problem: int = 1,
@@ -258,7 +266,14 @@ def evaluate_infilling(
             ``random-span-light`` (164, official only).
         format: FIM layout of the prompt, ``psm`` or ``spm`` (as in training).
         tasks: ``official``: the published task sets of Bavarian et al. 2022 (the papers' numbers);
-            ``derived``: one task per HumanEval problem cut from its canonical solution (no download, quick).
+            ``derived``: one task per HumanEval problem cut from its canonical solution (no download, quick);
+            ``repository``: gaps cut from the held-out files of ``--recipe``'s git source (``single-line`` or
+            ``multi-line``), prompted with and without repository context, scored by exact match (nothing run).
+        recipe: With ``--tasks repository``: the training recipe whose data (sources, curation, split) decides
+            the held-out files, so nothing scored was trained on.
+        source: Name of the recipe's source to score (default: its git source).
+        max_prompt_tokens: With ``--tasks repository``: budget of a prompt; context files that do not fit are
+            left out, farthest first.
         data_dir: Folder holding the official task files (``HumanEval-SingleLineInfilling.jsonl.gz`` ...); default:
             ``$CODETUNE_BENCHMARK_DATA`` or the cache, fetched and checksum-verified on first use.
         sentinels: FIM sentinel set (``codellama``, ``codellama-hf``, ``starcoder``); default: the one the tokenizer carries.
@@ -280,6 +295,11 @@ def evaluate_infilling(
     """
     inf.check_format(format)
     _check_limit(limit)
+    if tasks == "repository" or recipe is not None:
+        return _repository_infilling(
+            model, mode, format, recipe, source, max_prompt_tokens, sentinels, limit, per_problem,
+            max_new_tokens, batch_size, out_dir, seed, base_model,
+        )  # fmt: skip
     selected, task_meta = inf.select_tasks(tasks, mode, data_dir, limit, seed=seed, per_problem=per_problem)
     # A model without FIM tokens is refused from its tokenizer, before the weights load (minutes for a 7B).
     inf.require_sentinels(peek_trained(model, base_model)[0], sentinels)
@@ -305,6 +325,60 @@ def evaluate_infilling(
 
     benchmark = f"humaneval-infilling-{mode}" + ("" if tasks == "official" else "-derived")
     return run_task("infilling", benchmark, model, out_dir, settings, work, base_model=base_model)
+
+
+def recipe_files(recipe: str | None, source: str | None, overrides: list[str] | None = None) -> list[Any]:
+    """The curated file documents of a recipe's repository source, each with its ``split`` side (as training made
+    it: the same sources, curation and split), for scoring held-out files."""
+    if recipe is None:
+        raise ValueError(
+            "--tasks repository / held-out files need --recipe (the training recipe of the model)"
+        )
+    datamodule = recipe_datamodule(recipe, list(overrides or []))
+    names = [s.name for s in datamodule.sources]
+    if source is None:
+        gits = [s.name for s in datamodule.sources if isinstance(s, GitRepos)]
+        if not gits:
+            raise ValueError(
+                f"--recipe {recipe}: no git source (codetune.data.git.GitRepos); give --source, one of {names}"
+            )
+        source = gits[0]
+    if source not in names:
+        raise ValueError(f"--source {source!r}: the recipe's sources are {names}")
+    documents, _ = curated_documents(datamodule.sources, datamodule.curation, datamodule.split)
+    return [d for d in documents if d.source == source]
+
+
+def _repository_infilling(
+    model: str, mode: str, format: str, recipe: str | None, source: str | None, max_prompt_tokens: int,
+    sentinels: str | None, limit: int | None, per_file: int, max_new_tokens: int, batch_size: int,
+    out_dir: str | None, seed: int, base_model: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    held = repo_eval.held_out_files(recipe_files(recipe, source))
+    selected = repo_eval.infill_tasks(held, mode, per_file, seed)[:limit]
+    settings = {
+        "tasks": "repository", "mode": mode, "format": format, "recipe": recipe, "source": source,
+        "held_out_files": len(held), "limit": limit, "per_file": per_file, "max_new_tokens": max_new_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+    }  # fmt: skip
+
+    def work(model_obj: Any, tokenizer: Any):
+        scores, records = repo_eval.run_repository_infilling(
+            model_obj, tokenizer, selected, format, sentinels, max_new_tokens, batch_size, max_prompt_tokens
+        )
+        print(
+            f"{len(records)} gaps in {len(held)} held-out files: exact match {scores['exact_match']:.3f} with "
+            f"repository context, {scores['exact_match_without_context']:.3f} without"
+        )
+        return (
+            scores,
+            records,
+            {"seed": seed, "task_set": {"name": f"repository-{mode}", "num_tasks": len(records)}},
+        )
+
+    return run_task(
+        "infilling", f"repository-infilling-{mode}", model, out_dir, settings, work, base_model=base_model
+    )
 
 
 def evaluate_mbpp(
@@ -450,9 +524,15 @@ def evaluate_perplexity(
     max_tokens: int | None = 200_000,
     batch_tokens: int = 8192,
     out_dir: str | None = None,
+    recipe: str | None = None,
+    source: str | None = None,
     base_model: str | None = None,
 ) -> dict:
     """Perplexity of a model on held-out code at several context lengths.
+
+    With ``--recipe``: the held-out files of the recipe's git source instead (its own split), each scored at every
+    length with and without its repository context (the files before it in dependency order), the same code
+    tokens both times.
 
     Args:
         model: Exported Hugging Face folder, training checkpoint (``.ckpt``) or run directory.
@@ -470,10 +550,15 @@ def evaluate_perplexity(
         out_dir: Where ``perplexity_results.json`` (and per-sample JSONL) go. Default: ``eval/perplexity`` inside the run
             when ``model`` is a codetune run or checkpoint (``codetune export`` puts them in the model card), else
             ``./eval/perplexity``.
+        recipe: The training recipe whose git source's held-out files to score with and without repository
+            context (then ``corpus``, ``include`` and the split options are the recipe's).
+        source: Name of the recipe's source to score (default: its git source).
         base_model: Local folder or Hub id of the base model, when the one the checkpoint names has moved (as for
             ``codetune export``).
     """
     lengths = check_lengths(lengths)
+    if recipe is not None:
+        return _repository_perplexity(model, lengths, recipe, source, out_dir, base_model)
     include = include or ["**/*.py"]
     settings = {
         "corpus": corpus,
@@ -534,6 +619,37 @@ def eval_report(runs: list[str], out: str | None = None, overwrite: bool = False
 
 
 eval_report.positional = "runs"  # `codetune eval report RUN RUN ...`: bare arguments are the runs
+
+
+def _repository_perplexity(
+    model: str,
+    lengths: list[int],
+    recipe: str,
+    source: str | None,
+    out_dir: str | None,
+    base_model: str | None = None,
+) -> dict[str, Any]:
+    held = repo_eval.held_out_files(recipe_files(recipe, source))
+    settings = {"recipe": recipe, "source": source, "lengths": lengths, "held_out_files": len(held)}
+
+    def work(model_obj: Any, tokenizer: Any):
+        scores: dict[str, float] = {}
+        extra: dict[str, Any] = {"repository_context": {}}
+        for length in lengths:
+            r = repo_eval.context_perplexity(model_obj, tokenizer, held, length)
+            print(
+                f"length {length:>6}: perplexity {r.with_context:.3f} with repository context, "
+                f"{r.without_context:.3f} without ({r.tokens:,} code tokens of {r.files} held-out files; "
+                f"{r.context_files:.1f} context files, {r.context_tokens:.0f} tokens of context on average)"
+            )
+            scores[f"perplexity@{length}_with_context"] = r.with_context
+            scores[f"perplexity@{length}_without_context"] = r.without_context
+            extra["repository_context"][str(length)] = asdict(r)
+        return scores, [], extra
+
+    return run_task(
+        "perplexity", "repository-perplexity", model, out_dir, settings, work, base_model=base_model
+    )
 
 
 TASKS: dict[str, Callable[..., dict[str, Any]]] = {

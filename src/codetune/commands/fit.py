@@ -9,9 +9,15 @@ after ``fit``, and the summary.
 
 from __future__ import annotations
 
+import csv
 import importlib
+import io
 import logging
+import math
 import os
+import re
+import shlex
+import shutil
 import sys
 import time
 from argparse import ArgumentError
@@ -21,19 +27,30 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 import codetune.strategies  # noqa: F401  (registers the strategy name "fsdp2" with Lightning)
-from codetune.callbacks import ProgressBar, StepStats, Throughput
+from codetune.callbacks import ProgressBar, StepStats, StopOnNonFinite, Throughput
 from codetune.checkpoints import locate
-from codetune.checkpoints.format import checkpoint_shapes
+from codetune.checkpoints.format import checkpoint_shapes, verify_checkpoint
+from codetune.checkpoints.locate import intact
 from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
 from codetune.commands.summary import print_plan, print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
 from codetune.model.adapters import Quantization
+from codetune.model.build import absolute_base
 from codetune.model.sharding import check_shardable_quantization
 from codetune.modules.causal import CausalLM
 from codetune.optim import check_training_precision
-from codetune.resume import AtomicCheckpoint, RNGState
+from codetune.resume import (
+    AtomicCheckpoint,
+    GracefulStop,
+    RNGState,
+    last_checkpoints,
+    newest_intact,
+    run_checkpoints,
+)
+from codetune.storage import atomic_write
 from codetune.strategies import check_fsdp_optimizer
 
 RECIPE_COMMANDS = ("fit", "validate", "test")
@@ -52,6 +69,21 @@ class CodetuneCLI(LightningCLI):
         self.initial_val_losses: dict[str, float] = {}
         self.final_val_losses: dict[str, float] = {}
         self.fit_seconds: float = 0.0
+        self.resumed_step: int | None = None
+        """The step of the checkpoint this run resumed from (None: a new run)."""
+        self._earlier_metrics: tuple[list[str], list[dict[str, str]]] | None = None
+        self._log_version: int | None = None  # the version folder a resumed run continues in
+        self._argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
+        try:
+            self._init(args, run, **kwargs)
+        except SystemExit:
+            stop = self._graceful_stop()
+            if stop is None or stop.signal is None:
+                raise
+            print(stop_report(self, stop), file=sys.stderr, flush=True)
+            raise SystemExit(128 + int(stop.signal)) from None
+
+    def _init(self, args: list[str] | None, run: bool, **kwargs: Any) -> None:
         super().__init__(
             CausalLM,
             CodeDataModule,
@@ -63,11 +95,14 @@ class CodetuneCLI(LightningCLI):
             trainer_defaults={
                 "default_root_dir": "runs",
                 # Checkpoints are written atomically and carry every rank's RNG states (codetune.resume).
+                # `last` is a hard link to the checkpoint written at the same step: one copy of the weights.
                 "callbacks": [
                     ProgressBar(leave=True),
                     Throughput(),
                     StepStats(),
-                    AtomicCheckpoint(save_last=True),
+                    StopOnNonFinite(),
+                    GracefulStop(),
+                    AtomicCheckpoint(save_last="link"),
                     RNGState(),
                 ],
             },
@@ -96,10 +131,57 @@ class CodetuneCLI(LightningCLI):
             ]
         check_devices(trainer)
         check_recipe_for_strategy(config, self.subcommand)
+        if config.get("ckpt_path") is not None:
+            config["ckpt_path"] = check_ckpt_path(
+                config.ckpt_path, _run_root(trainer), _checkpoint_dirpath(trainer.callbacks)
+            )
+            if self.subcommand == "fit" and not str(config.ckpt_path).startswith(("last", "best", "hpc")):
+                self._prepare_resume(config, Path(config.ckpt_path))
+
+    def _prepare_resume(self, config: Any, checkpoint: Path) -> None:
+        """Check that the recipe resumes what the checkpoint trained, and log into the checkpoint's own run folder."""
+        raw = verify_checkpoint(checkpoint)
+        model = config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model)
+        check_optimizer_unchanged(raw, model, checkpoint)
+        self.resumed_step = int(raw.get("global_step") or 0)
+        version = _version_folder(config.trainer, checkpoint, self._default_logger)
+        if version is None:
+            return
+        # The resumed run continues the interrupted one in its folder: one metrics.csv (rows past the checkpoint,
+        # which this run trains again, dropped), config.yaml of this run, the earlier one kept beside it.
+        if self._default_logger:
+            self._log_version = int(version.name[8:])
+        else:
+            logger = config.trainer.logger
+            logger["init_args"] = {**_plain(logger.get("init_args") or {}), "version": int(version.name[8:])}
+        earlier = version / "config.yaml"
+        if earlier.is_file():
+            shutil.copy2(earlier, version / f"config.until-step-{self.resumed_step}.yaml")
+            self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+        self._earlier_metrics = metrics_until(version / "metrics.csv", self.resumed_step)
+
+    def _keep_earlier_metrics(self) -> None:
+        # Lightning's CSV writer deletes the metrics.csv it finds when it starts; the rows up to the resumed step
+        # are put back, and the writer told their columns, so it appends to them.
+        logger = self.trainer.logger
+        if (
+            self._earlier_metrics is None
+            or not isinstance(logger, CSVLogger)
+            or not self.trainer.is_global_zero
+        ):
+            return
+        fields, rows = self._earlier_metrics
+        writer = logger.experiment
+        write_metrics(Path(writer.metrics_file_path), fields, rows)
+        writer.metrics_keys = sorted(fields)
+
+    def _graceful_stop(self) -> GracefulStop | None:
+        trainer = getattr(self, "trainer", None)
+        return next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None) if trainer else None
 
     def instantiate_trainer(self, **kwargs: Any):
         if getattr(self, "_default_logger", False) and "logger" not in kwargs:
-            kwargs["logger"] = default_loggers(self._log_root)
+            kwargs["logger"] = default_loggers(self._log_root, version=self._log_version)
         return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -122,9 +204,8 @@ class CodetuneCLI(LightningCLI):
         # replace the recipe's model arguments by the checkpoint's. In codetune the recipe decides the model and
         # the checkpoint must fit it (its shapes are compared when it loads); here it only has to exist and be
         # readable, checked without reading the weights.
-        if self.config.get("subcommand"):
-            config = self.config[self.config.subcommand]
-            config["ckpt_path"] = check_ckpt_path(config.get("ckpt_path"))
+        # The check runs in before_instantiate_classes, once the logger (where `last` is looked for) is known.
+        return None
 
     def add_arguments_to_parser(self, parser) -> None:
         # One tokenizer for both sides: the model sizes its embeddings from the data module's tokenizer.
@@ -133,6 +214,7 @@ class CodetuneCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
+        self._keep_earlier_metrics()
         resuming = self.config[self.subcommand].get("ckpt_path") is not None
         # A resumed run's "before" is the checkpoint, not the freshly built model: no validation of the latter.
         if self.trainer.limit_val_batches != 0 and not resuming:
@@ -171,12 +253,13 @@ def _use_atomic_checkpoints(callbacks: Any) -> bool:
     return found
 
 
-def default_loggers(save_dir: str, tensorboard: bool | None = None) -> list[Any]:
+def default_loggers(save_dir: str, tensorboard: bool | None = None, version: int | None = None) -> list[Any]:
     """A CSV logger, and TensorBoard's (when installed) writing into the same version folder: one run, one
-    directory (``metrics.csv``, ``tensorboard/`` event files)."""
+    directory (``metrics.csv``, ``tensorboard/`` event files); ``version``: that folder (a resumed run's), else the
+    next free one."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    csv = CSVLogger(save_dir=save_dir)
+    csv = CSVLogger(save_dir=save_dir, version=version)
     if not (tensorboard_installed() if tensorboard is None else tensorboard):
         return [csv]
     return [
@@ -270,10 +353,20 @@ def check_recipe_for_strategy(config: Any, subcommand: str | None) -> None:
             check_fsdp_optimizer(optimizer_class)
 
 
-def check_ckpt_path(ckpt_path: Any) -> Any:
-    """``--ckpt_path`` must exist (``last``/``best``/``hpc`` are resolved by Lightning; ``last`` before any run
-    is not an error, so a resume command can be used from the start). A run directory stands for its newest
-    ``last.ckpt``, as for ``codetune export`` and ``eval``; returns the checkpoint to use."""
+def check_ckpt_path(ckpt_path: Any, root: str | Path | None = None, dirpath: str | Path | None = None) -> Any:
+    """``--ckpt_path`` must exist (``best``/``hpc`` are resolved by Lightning; ``last`` before any run is not an
+    error, so a resume command can be used from the start), be readable and match its checksums. ``last`` is
+    resolved here, as Lightning would (the newest ``last`` of the runs under ``root``, or in ``dirpath``), so a
+    torn or corrupted one is reported before the data is built, with the newest checkpoint that is intact. A run
+    directory stands for its newest ``last.ckpt``, as for ``codetune export`` and ``eval``; returns the
+    checkpoint to use."""
+    given = ckpt_path
+    if str(ckpt_path) == "last" and root is not None:
+        folders = [Path(dirpath)] if dirpath else {p.parent for p in run_checkpoints(root)}
+        found = [p for folder in folders for p in last_checkpoints(folder) if p.exists()]
+        if not found:
+            return ckpt_path  # nothing to resume: Lightning starts afresh (and says so)
+        ckpt_path = max(found, key=lambda p: p.stat().st_mtime)
     special = str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
     if ckpt_path is None or special or "://" in str(ckpt_path):
         return ckpt_path
@@ -288,8 +381,185 @@ def check_ckpt_path(ckpt_path: Any) -> Any:
             f"--ckpt_path {ckpt_path}: an exported model folder, not a training checkpoint; start from it with "
             "--model.init_args.model.name_or_path instead"
         )
-    checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
+    try:
+        if not intact(location.path):
+            size = location.path.stat().st_size if location.path.is_file() else None
+            what = (
+                "it is empty" if size == 0 else "cut off, or no checkpoint: it has no end-of-archive record"
+            )
+            raise ValueError(f"--ckpt_path {given}: {location.path}: not a readable checkpoint ({what})")
+        checkpoint_shapes(location.path)  # readable at all? (memory-mapped / index only: cheap)
+        verify_checkpoint(
+            location.path
+        )  # its checksums (reads the tensors once; the resume then finds them cached)
+    except ValueError as err:
+        alternative = newest_intact(
+            [p for p in run_checkpoints(root or location.path.parent) if not _same(p, location.path)]
+        )
+        offer = (
+            f"; the newest intact checkpoint of this run is {alternative}: resume with --ckpt_path {alternative}"
+            if alternative is not None
+            else "; no other checkpoint of this run is left: start again without --ckpt_path"
+        )
+        raise ValueError(f"{str(err).rstrip('.')}{offer}") from None
     return str(location.path)
+
+
+def check_optimizer_unchanged(raw: dict[str, Any], model: dict[str, Any], where: str | Path) -> None:
+    """Refuse a resume whose recipe changed the optimizer's or the schedule's settings.
+
+    Resuming restores the checkpoint's optimizer and scheduler states, learning rates included, so a changed
+    ``lr`` (or ``weight_decay``, ``warmup_steps``, ...) would be recorded in ``config.yaml`` and not be used.
+    """
+    init = model.get("init_args") or {}
+    saved_spec = (raw.get("hyper_parameters") or {}).get("model") or {}
+    spec = init.get("model") or {}
+    if saved_spec.get("config") != spec.get("config") or (
+        absolute_base(saved_spec.get("name_or_path")) != absolute_base(spec.get("name_or_path"))
+    ):
+        return  # another model: the shape check when it loads says so, which is the first thing to fix
+    changed: list[str] = []
+    groups = [g for state in raw.get("optimizer_states") or [] for g in state.get("param_groups", [])]
+    optimizer = (
+        (init.get("optimizer") or {}).get("init_args") if isinstance(init.get("optimizer"), dict) else None
+    )
+    if groups and optimizer:
+        first = groups[0]  # the decayed group: the recipe's weight_decay applies to it
+        for key, value in optimizer.items():
+            saved = first.get("initial_lr", first.get("lr")) if key == "lr" else first.get(key)
+            if saved is not None and value is not None and not _same_value(saved, value):
+                changed.append(f"optimizer {key} {_show(saved)} -> {_show(value)}")
+    schedulers = raw.get("lr_schedulers") or []
+    scheduler = (
+        (init.get("scheduler") or {}).get("init_args") if isinstance(init.get("scheduler"), dict) else None
+    )
+    if schedulers and scheduler:
+        for key, value in scheduler.items():
+            saved = schedulers[0].get(key)
+            if saved is not None and value is not None and not _same_value(saved, value):
+                changed.append(f"scheduler {key} {_show(saved)} -> {_show(value)}")
+    if changed:
+        raise ValueError(
+            f"--ckpt_path {where}: the recipe changed what the run trained with ({'; '.join(changed)}); a resume "
+            "restores the checkpoint's optimizer and schedule, so the new values would be recorded but not used. "
+            "Resume with the values it trained with, or start a new run from these weights with "
+            f"--model.init_args.model.name_or_path={where}"
+        )
+
+
+def metrics_until(metrics: Path, step: int) -> tuple[list[str], list[dict[str, str]]] | None:
+    """The columns and the rows up to ``step`` of a run's ``metrics.csv`` (a resumed run logs the later steps
+    again); None when there is none."""
+    if not metrics.is_file():
+        return None
+    with open(metrics, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    return fields, [r for r in rows if not r.get("step") or int(float(r["step"])) <= step]
+
+
+def write_metrics(metrics: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=sorted(fields))  # "\r\n" rows, as Lightning writes them
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(metrics, out.getvalue())
+
+
+def stop_report(cli: CodetuneCLI, stop: GracefulStop) -> str:
+    """What an interrupted fit prints: what stopped it, what was saved, and the command that resumes it."""
+    name = (
+        "SIGTERM" if stop.signal == 15 else "Ctrl-C (SIGINT)" if stop.signal == 2 else f"signal {stop.signal}"
+    )
+    callback = cli.trainer.checkpoint_callback
+    newest = stop.saved or (getattr(callback, "last_model_path", None) or None)
+    if newest and not Path(newest).exists():
+        newest = None
+    where = f"at step {stop.step}" if stop.step is not None else "before training"
+    if stop.saved:
+        saved = f"saved {stop.saved} (step {stop.step})"
+    elif newest:
+        saved = f"nothing new saved (not between two steps, or saved already); newest checkpoint: {newest}"
+    else:
+        saved = "no checkpoint written yet"
+    line = f"codetune fit: stopped by {name} {where}; {saved}."
+    if newest:
+        args = _without_ckpt_path(cli._argv)
+        line += f"\nResume with:\n  codetune {shlex.join([*args, '--ckpt_path', str(newest)])}"
+    else:
+        line += " Run the same command again to start over."
+    return line
+
+
+def _without_ckpt_path(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            out.append(arg)
+    return out
+
+
+def _run_root(trainer: Any) -> Path:
+    """Where a recipe's runs are logged: the logger's ``save_dir``, else ``trainer.default_root_dir``."""
+    logger = trainer.get("logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    save_dir = init.get("save_dir") if hasattr(init, "get") else None
+    return Path(save_dir or trainer.get("default_root_dir") or "runs").expanduser()
+
+
+def _checkpoint_dirpath(callbacks: Any) -> str | None:
+    for callback in callbacks or []:
+        init = callback.get("init_args") if hasattr(callback, "get") else None
+        if str(callback.get("class_path", "")).endswith(("ModelCheckpoint", "AtomicCheckpoint")) and init:
+            if init.get("dirpath"):
+                return str(init["dirpath"])
+    return None
+
+
+def _version_folder(trainer: Any, checkpoint: Path, default_logger: bool = False) -> Path | None:
+    """The ``version_N`` folder the checkpoint was written in, when this recipe's logger would log beside it
+    (``default_logger``: codetune's own CSV + TensorBoard loggers, which log under ``default_root_dir``)."""
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or not re.fullmatch(r"version_\d+", run.name):
+        return None
+    logger = trainer.get("logger")
+    class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+    if not default_logger and not class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+        return None
+    init = (logger.get("init_args") if hasattr(logger, "get") else None) or {}
+    if init.get("version") is not None:
+        return None  # the recipe chose its folder
+    name = init.get("name") or "lightning_logs"
+    if (_run_root(trainer) / name).resolve() != run.parent.resolve():
+        return None
+    return run
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 _SOURCES_KEYS = ("--data.init_args.sources", "--data.sources")

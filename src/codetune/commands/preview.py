@@ -21,9 +21,12 @@ from lightning.pytorch import LightningDataModule
 from codetune.commands.fit import CodetuneCLI
 from codetune.data.batch import IGNORE_INDEX, TokenKind
 from codetune.data.packing import RowSummary
+from codetune.data.repository import file_headers
 
 
-def _datamodule(config: str, overrides: list[str]) -> Any:
+def recipe_datamodule(config: str, overrides: list[str]) -> Any:
+    """The data module a recipe configures (parsed exactly as ``codetune fit`` parses it), without a model."""
+
     class _DataOnly(CodetuneCLI):
         """Parses the whole recipe, instantiates only ``data``."""
 
@@ -88,6 +91,41 @@ def _row_json(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def _file_boundaries(records: list[dict[str, Any]], datamodule: Any) -> list[str]:
+    """Add each repository span's files (``{"path", "at"}``: where its header starts in the row's ``text``) to the
+    records; return one line per such span for the printed preview."""
+    corpus = datamodule.corpus
+    if corpus is None or "layout" not in corpus.dataset.column_names:
+        return []
+    wanted = {str(span["doc_id"]) for r in records for span in r["documents"]}
+    table = corpus.dataset.select_columns(["doc_id", "text", "layout"])
+    headers = {
+        doc_id: file_headers(text, layout)
+        for doc_id, text, layout in zip(table["doc_id"], table["text"], table["layout"], strict=True)
+        if doc_id in wanted and layout
+    }
+    lines = []
+    tokenizer = datamodule.tokenizer
+    for n, record in enumerate(records):
+        for span in record["documents"]:
+            found = headers.get(str(span["doc_id"]))
+            if not found:
+                continue
+            ids = record["input_ids"][span["start"] : span["end"]]
+            start = len(tokenizer.decode(record["input_ids"][: span["start"]], skip_special_tokens=False))
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            files = []
+            for header in found:
+                at = text.find(header)
+                if at >= 0:
+                    files.append({"path": header.strip(), "at": start + at})
+            span["files"] = files
+            fim = f", FIM {span['fim']}" if span.get("fim") else ""
+            shown = " | ".join(f["path"] for f in files) or "(inside one file)"
+            lines.append(f"row {n} {span['doc_id']} chunk {span['chunk']}{fim}: {shown}")
+    return lines
+
+
 def preview_rows(datamodule: Any, rows: int, split: str = "train") -> list[dict[str, Any]]:
     """The first ``rows`` rows of ``split`` as the loader yields them, with span metadata."""
     datamodule.setup("fit" if split == "train" else "validate")
@@ -145,9 +183,10 @@ def preview(
     """
     if rows < 1:
         raise ValueError(f"preview: rows must be >= 1, got {rows}")
-    datamodule = _datamodule(config, list(overrides or []))
+    datamodule = recipe_datamodule(config, list(overrides or []))
     selected = preview_rows(datamodule, rows, split)
     records = [_row_json(r, datamodule.tokenizer) for r in selected]
+    boundaries = _file_boundaries(records, datamodule)
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +225,9 @@ def preview(
         summary["skipped"] = report.skipped
         summary["curation"] = {"removed": report.curation["removed"], "splits": report.curation["splits"]}
         lines.extend(report.summary().splitlines())
+    if boundaries:
+        lines.append("repository documents (files in order, as their headers read):")
+        lines.extend("  " + line for line in boundaries)
     if out is not None:
         lines.append(f"wrote {len(records)} rows to {out}")
     print("\n".join(lines), file=sys.stderr)

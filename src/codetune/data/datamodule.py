@@ -472,6 +472,7 @@ class CodeDataModule(L.LightningDataModule):
                     "path": _recorded_path(s),
                     "objective": self.objectives[s.name],
                     **({"license": s.license} if getattr(s, "license", None) else {}),
+                    **({"repository_documents": s.repository_documents} if isinstance(s, GitRepos) else {}),
                 }
                 for s in self.sources
             ],

@@ -163,6 +163,33 @@ def format_infill_prompt(
     raise ValueError(f"FIM mode must be 'psm' or 'spm', got {mode!r}")
 
 
+def repository_prompt_pieces(
+    repo: str, context: Sequence[tuple[str, str]], path: str, tokens: RepoTokens | None
+) -> list[Piece]:
+    """What comes before the prefix sentinel in a repository-level infill prompt: the context files
+    (``(path, code)``, in the order given: dependencies first) and the header of the file being edited."""
+    pieces = start_pieces(repo, tokens)
+    for context_path, code in context:
+        pieces += file_pieces(repo, context_path, code, tokens, _marker(context_path))
+    return pieces + header_pieces(repo, path, tokens, _marker(path))
+
+
+def format_repository_infill_prompt(
+    prefix: str,
+    suffix: str,
+    mode: FIMMode,
+    sentinels: str | FIMSentinels,
+    repo: str,
+    context: Sequence[tuple[str, str]],
+    path: str,
+    tokens: RepoTokens | None,
+) -> str:
+    """The text of a repository-level infill prompt (what :meth:`FIMTransform.encode_repository_infill_prompt`
+    encodes, its repository and file tokens written out)."""
+    head = "".join(piece for _, piece in repository_prompt_pieces(repo, context, path, tokens))
+    return head + format_infill_prompt(prefix, suffix, mode, sentinels)
+
+
 def unpermute_text(text: str, sentinels: str | FIMSentinels = "codellama") -> str:
     """Recover the original document from its FIM training text (PSM or SPM).
 
@@ -308,16 +335,6 @@ class FIMTransform:
             mode=enc.mode,
         )
 
-    def repository_prompt_pieces(
-        self, repo: str, context: Sequence[tuple[str, str]], path: str, tokens: RepoTokens | None
-    ) -> list[Piece]:
-        """What comes before ``<PRE>`` in a repository-level infill prompt: the context files (``(path, code)``,
-        in the order given: dependencies first) and the header of the file being edited."""
-        pieces = start_pieces(repo, tokens)
-        for context_path, code in context:
-            pieces += file_pieces(repo, context_path, code, tokens, _marker(context_path))
-        return pieces + header_pieces(repo, path, tokens, _marker(path))
-
     def encode_repository_infill_prompt(
         self,
         prefix: str,
@@ -329,7 +346,7 @@ class FIMTransform:
         tokens: RepoTokens | None,
     ) -> list[int]:
         """Token ids of a repository-level infill prompt, laid out as :meth:`encode_repository` trains it."""
-        before, _ = encode_pieces(self._tok, self.repository_prompt_pieces(repo, context, path, tokens))
+        before, _ = encode_pieces(self._tok, repository_prompt_pieces(repo, context, path, tokens))
         ids = self.encode_infill_prompt(prefix, suffix, mode)
         head = 0 if self.bos_id is None else 1
         return [*ids[:head], *before, *ids[head:]]

@@ -2,7 +2,8 @@
 
 Rows are filled greedily in stream order: several documents per row, a document that does not fit is cut
 and continues in the next row (never dropped, never reordered), so padding appears only when the stream
-ends. Leaks are closed by three rules:
+ends (and where a repository document drawn for FIM would be cut: it starts the next row instead, so
+repository-level FIM is not lost to where documents land). Leaks are closed by three rules:
 
 * ``position_ids`` restart at 0 for every document span; transformers turns that into a block-diagonal
   attention mask (only when no KV cache is created: forward with ``use_cache=False``), so no token attends
@@ -29,6 +30,8 @@ from codetune.data.batch import IGNORE_INDEX, TokenKind, real_tokens
 from codetune.data.fim import FIMDraw, FIMEncoded, FIMTransform
 
 _FIT_ATTEMPTS = 6
+_FIM_OVERHEAD = 8
+"""Room a FIM layout may need beyond the causal ids: four sentinels and a token or two per cut point."""
 
 
 @dataclass
@@ -224,6 +227,8 @@ class Packer:
         self._cursor: _Cursor | None = None
         self.stats = RowSummary()
         self.documents = 0
+        self.repository_rows_closed = 0
+        """Rows ended early so that a repository document drawn for FIM starts the next row whole."""
         self.fim_left_causal = 0
         """Draws that asked for FIM but were left causal because the document (fragment) did not fit a row."""
 
@@ -344,6 +349,19 @@ class Packer:
     def _place_document_level(self, cur: _Cursor, row: _Row) -> None:
         """Place a whole document if it fits, FIM-transformed if drawn and the transformed one fits too."""
         space = row.space
+        if (
+            cur.doc.layout
+            and cur.fim
+            and cur.pos == 0
+            and space < len(cur.ids) <= self.seq_len - _FIM_OVERHEAD
+            and row.input_ids
+            and self.fim.draw(cur.doc.source, cur.doc.ordinal).mode is not None
+        ):
+            # A repository document is sized to a row (RepositoryAssembler), so it rarely fits the rest of one:
+            # drawn for FIM, it starts the next row instead of being cut, and the rest of this row is padding.
+            row.closed = True
+            self.repository_rows_closed += 1
+            return
         if cur.fim and cur.pos == 0 and len(cur.ids) <= space:
             assert self.fim is not None and cur.doc.text is not None
             d = self.fim.draw(cur.doc.source, cur.doc.ordinal)

@@ -263,6 +263,18 @@ def layout_pieces(text: str, layout: Sequence[int]) -> list[Piece]:
     return [(int(layout[i]), text[layout[i + 1] : layout[i + 2]]) for i in range(0, len(layout), 3)]
 
 
+def file_headers(text: str, layout: Sequence[int]) -> list[str]:
+    """The header of each file of a repository document, as its text reads (``<file_sep>a.py\n`` or
+    ``# repo/a.py\n``), in document order: the text piece just before each body, with the file token before it."""
+    pieces = layout_pieces(text, layout)
+    headers = []
+    for i, (kind, _) in enumerate(pieces):
+        if kind == BODY and i > 0 and pieces[i - 1][0] == TEXT:
+            token = pieces[i - 2][1] if i > 1 and pieces[i - 2][0] == TOKEN else ""
+            headers.append(token + pieces[i - 1][1])
+    return headers
+
+
 def encode_pieces(tokenizer: Any, pieces: Sequence[Piece]) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and character spans of a repository document: each special-token piece as its one id, text pieces
     encoded by ``tokenizer`` (a ``tokenizers`` backend with special-token matching off)."""
@@ -384,6 +396,7 @@ __all__ = [
     "RepositoryAssembler",
     "dependency_order",
     "encode_pieces",
+    "file_headers",
     "file_pieces",
     "header_pieces",
     "import_graph",

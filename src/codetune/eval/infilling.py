@@ -21,11 +21,12 @@ import functools
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from codetune.data.fim import FIMConfig, FIMTransform
+from codetune.data.repository import repo_tokens
 from codetune.data.tokenizer import DEFAULT_SENTINELS, FIMSentinels, fim_sentinels, resolve_sentinels
 from codetune.eval.benchmarks import INFILLING_FILES, InfillTask, load_infilling_tasks
 from codetune.eval.generate import generate
@@ -215,16 +216,45 @@ def require_sentinels(tokenizer: Any, sentinels: str | FIMSentinels | None = Non
     return chosen
 
 
+@dataclass(frozen=True)
+class RepoContext:
+    """The repository around a gap: repository-level infilling (StarCoder2, Qwen2.5-Coder) puts these files, with
+    their headers, before the file being edited, as repository-level FIM trains it."""
+
+    repo: str
+    """The repository's name (after the repository token, or in the plain-text headers)."""
+    files: tuple[tuple[str, str], ...]
+    """``(path, code)`` of the context files, in the order they are shown (dependencies first)."""
+    path: str
+    """Path of the file being edited (its header comes right before the FIM prefix sentinel)."""
+
+
 def build_infill_prompts(
-    tokenizer: Any, pieces: Sequence[tuple[str, str]], fim_format: str, sentinels: FIMSentinels
+    tokenizer: Any,
+    pieces: Sequence[tuple[str, str]],
+    fim_format: str,
+    sentinels: FIMSentinels,
+    contexts: Sequence[RepoContext | None] | None = None,
 ) -> tuple[list[list[int]], Any]:
-    """Token ids of infilling prompts for (prefix, suffix) pairs, encoded by the training FIM code.
+    """Token ids of infilling prompts for (prefix, suffix) pairs, encoded by the training FIM code; a pair with a
+    :class:`RepoContext` gets the repository-level layout (the tokenizer's repository tokens, else plain headers).
 
     Returns the ids and the :class:`~codetune.data.fim.FIMTransform` (for the end sentinel and decoding).
     """
     check_format(fim_format)
     transform = FIMTransform(FIMConfig(), tokenizer, sentinels)
-    return [transform.encode_infill_prompt(p, s, fim_format) for p, s in pieces], transform
+    tokens = repo_tokens(tokenizer)
+    prompts = []
+    for (prefix, suffix), context in zip(pieces, contexts or [None] * len(pieces), strict=True):
+        if context is None:
+            prompts.append(transform.encode_infill_prompt(prefix, suffix, fim_format))
+        else:
+            prompts.append(
+                transform.encode_repository_infill_prompt(
+                    prefix, suffix, fim_format, context.repo, context.files, context.path, tokens
+                )
+            )
+    return prompts, transform
 
 
 def generate_infills(
@@ -237,9 +267,10 @@ def generate_infills(
     batch_size: int = 8,
     temperature: float = 0.0,
     seed: int = 0,
+    contexts: Sequence[RepoContext | None] | None = None,
 ) -> list[str]:
     """One generated middle per (prefix, suffix), stopping at the end-of-middle sentinel."""
-    prompts, transform = build_infill_prompts(tokenizer, pieces, fim_format, sentinels)
+    prompts, transform = build_infill_prompts(tokenizer, pieces, fim_format, sentinels, contexts)
     samples = generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
         stop_token_ids=[transform.end_id], batch_size=batch_size, seed=seed,
@@ -294,8 +325,10 @@ def infill_one(
     max_new_tokens: int,
     temperature: float = 0.0,
     seed: int = 0,
+    context: RepoContext | None = None,
 ) -> str:
-    """The middle a loaded model writes between ``prefix`` and ``suffix`` (``codetune infill`` and the API)."""
+    """The middle a loaded model writes between ``prefix`` and ``suffix`` (``codetune infill`` and the API), with
+    the repository's other files before it when ``context`` is given."""
     chosen = require_sentinels(tokenizer, sentinels)
     [middle] = generate_infills(
         model,
@@ -306,6 +339,7 @@ def infill_one(
         max_new_tokens,
         temperature=temperature,
         seed=seed,
+        contexts=[context],
     )
     return middle
 

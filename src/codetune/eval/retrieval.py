@@ -2,7 +2,7 @@
 
 A function ``def my_function() -> int`` returning a random two-digit value is inserted at a relative
 position of a long context of real code (the Python standard library by default); the prompt ends in
-``assert my_function() == `` and the model must complete the value. Accuracy is reported per (context
+``assert my_function() ==`` and the model must complete the value. Accuracy is reported per (context
 length in tokens, relative position): a model whose long-context fine-tuning worked keeps it high at every
 position of the trained lengths.
 """
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 KEY_FUNCTION = (
     'def my_function() -> int:\n    """Note that this function is used at the end."""\n    return {value}\n'
 )
-QUESTION = "assert my_function() == "
+# No trailing space: in code the space belongs to the value's token (byte-level BPE "Ġ42"; SentencePiece "▁4"), so
+# a prompt ending in a lone space token is one the model never saw; it ends where the training text has a boundary.
+QUESTION = "assert my_function() =="
 DEFAULT_POSITIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -131,7 +133,7 @@ def build_tasks(
 
 
 def parse_answer(text: str) -> int | None:
-    """The integer a completion of ``assert my_function() == `` states, if any."""
+    """The integer a completion of ``assert my_function() ==`` states (after its space), if any."""
     match = re.match(r"\s*(-?\d+)", text)
     return int(match.group(1)) if match else None
 

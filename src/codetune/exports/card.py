@@ -23,7 +23,8 @@ import yaml
 
 from codetune.checkpoints.format import TrainedCheckpoint
 from codetune.checkpoints.locate import FIT_SUMMARY
-from codetune.data.fim import format_infill_prompt
+from codetune.data.fim import FIMConfig, FIMTransform, format_infill_prompt, format_repository_infill_prompt
+from codetune.data.repository import RepoTokens, repo_tokens
 from codetune.data.tokenizer import FIMSentinels, fim_sentinels
 from codetune.eval.report import scores_of
 from codetune.exports.secrets import known_secrets, redact_text, strip_secrets
@@ -64,8 +65,15 @@ class CardFacts:
     max_position_embeddings: int | None = None
     rope_parameters: dict[str, Any] | None = None
     sentinels: FIMSentinels | None = None
+    fim_prompt_code: str | None = None
+    """Python lines that build the trained PSM prompt's ids from ``prefix`` and ``suffix`` (checked on this
+    tokenizer: :func:`fim_prompt_code`); None: the plain string prompt."""
     fim: dict[str, Any] | None = None
     """The FIM settings the run applied (None: no source trained the FIM objective)."""
+    repository_level: bool = False
+    """The run trained on repository-level documents (a git source with ``repository_documents``)."""
+    repo_tokens: RepoTokens | None = None
+    """The repository and file tokens the tokenizer carries."""
     sources: list[dict[str, str]] = field(default_factory=list)
     """Training data: ``name``, ``kind``, ``location``, ``objective``, ``provenance``."""
     recorded: bool = False
@@ -137,6 +145,15 @@ def copy_eval_results(facts: CardFacts, folder: Path) -> None:
         target = folder / result["file"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(result["path"], target)
+
+
+def repository_level(record: dict[str, Any] | None) -> bool:
+    """Whether the run's data had a git source joining files into repository documents (their default)."""
+    return any(
+        str(source.get("class_path", "")).endswith("GitRepos")
+        and source.get("repository_documents", True) is not False
+        for source in ((record or {}).get("data") or {}).get("sources", [])
+    )
 
 
 def recorded_sources(record: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -331,6 +348,58 @@ def _usage_section(facts: CardFacts) -> list[str]:
     return ["## Usage", "", note, "", "```python", *code, "```", ""]
 
 
+_PROBES = [
+    ("def f(x):\n    ", "\n    return y\n"),
+    (" x = 1", "y"),
+    ("", "z = 2\n"),
+    ("a", ""),
+    ("\nb", " c"),
+]
+
+
+def _prompt_code(s: FIMSentinels, dummy_space: bool) -> str:
+    # transformers' Metaspace puts no dummy space after a special token, where training has the prefix's own.
+    head = (
+        f"{s.prefix!r} + prefix"
+        if not dummy_space
+        else (f"{s.prefix!r} + (' ' if prefix[:1] not in ('', ' ') else '') + prefix")
+    )
+    return (
+        f"prompt = {head} + {s.suffix!r} + suffix + {s.middle!r}\n"
+        "ids = tokenizer(prompt, return_tensors='pt')  # with the BOS the tokenizer adds, as in training"
+    )
+
+
+def fim_prompt_code(tokenizer) -> str | None:
+    """The card's prompt lines that, run with ``tokenizer``, give exactly the training PSM prompt ids.
+
+    A plain string works for byte-level BPE. A SentencePiece tokenizer whose dummy space goes only before the
+    first piece of a text (transformers' Metaspace) needs a space after the prefix sentinel, where training
+    encodes the prefix as text of its own with its dummy space (Code Llama: ``<PRE> {prefix} <SUF>{suffix} <MID>``),
+    unless the prefix is empty or starts with a space. None: no set,
+    or neither form reproduces training (the card then shows the plain one).
+    """
+    sentinels = fim_sentinels(tokenizer)
+    if sentinels is None:
+        return None
+    try:
+        transform = FIMTransform(FIMConfig(), tokenizer)
+    except ValueError:
+        return None
+    for dummy_space in (False, True):
+        code = _prompt_code(sentinels, dummy_space)
+        ok = True
+        for prefix, suffix in _PROBES:
+            scope = {"tokenizer": tokenizer, "prefix": prefix, "suffix": suffix}
+            exec(code, scope)  # the card's own lines, on this tokenizer
+            if scope["ids"]["input_ids"][0].tolist() != transform.encode_infill_prompt(prefix, suffix, "psm"):
+                ok = False
+                break
+        if ok:
+            return code
+    return None
+
+
 def _fim_section(facts: CardFacts) -> list[str]:
     s = facts.sentinels
     if s is None:
@@ -383,10 +452,51 @@ def _fim_section(facts: CardFacts) -> list[str]:
         "```",
         "",
         "```python",
-        f'prompt = "{s.prefix}" + prefix + "{s.suffix}" + suffix + "{s.middle}"',
-        "ids = tokenizer(prompt, return_tensors='pt', add_special_tokens=False)",
+        facts.fim_prompt_code or _prompt_code(s, False),
         "out = model.generate(**ids, max_new_tokens=128)",
         "middle = tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)",
+        "```",
+        "",
+        *_repository_section(facts, s),
+    ]
+
+
+def _repository_section(facts: CardFacts, s: FIMSentinels) -> list[str]:
+    """Repository-level infilling: how to put the repository's other files before the edited one."""
+    if not facts.repository_level and facts.repo_tokens is None:
+        return []
+    tokens = facts.repo_tokens
+    trained = (
+        "This run trained on repository-level documents: each repository's files in dependency order, one file of "
+        "each document FIM-transformed and the others left as its context."
+        if facts.repository_level
+        else "The tokenizer carries repository tokens; this run's recipe did not train repository-level documents."
+    )
+    how = (
+        f"each file is introduced by `{tokens.file_sep}` and its path, the repository by `{tokens.repo_name}`"
+        if tokens is not None
+        else "each file is introduced by a comment line naming `repo/path` (the tokenizer has no repository tokens)"
+    )
+    example = format_repository_infill_prompt(
+        _EXAMPLE_PREFIX,
+        _EXAMPLE_SUFFIX,
+        "psm",
+        s,
+        "myproject",
+        [("text.py", "ASCII = range(128)\n")],
+        "clean.py",
+        tokens,
+    )
+    return [
+        "### Repository-level infilling",
+        "",
+        trained
+        + f" For a gap in one file of a project, show the project's other files first: {how}; the edited file's "
+        "header comes right before the FIM prompt (`codetune infill --context FILE...` and "
+        "`codetune.infill(..., context={path: code})` build it):",
+        "",
+        "```text",
+        example,
         "```",
         "",
     ]
@@ -553,7 +663,10 @@ def gather_facts(
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
         rope_parameters=dict(rope) if isinstance(rope, dict) else None,
         sentinels=fim_sentinels(checkpoint.tokenizer),
+        fim_prompt_code=fim_prompt_code(checkpoint.tokenizer),
         fim=data.get("fim"),
+        repository_level=repository_level(record),
+        repo_tokens=repo_tokens(checkpoint.tokenizer),
         sources=recorded_sources(record),
         recorded=record is not None,
         tokens_seen=tokens.get("total"),

@@ -260,8 +260,22 @@ def keep_rotary_tables_fp32(model: torch.nn.Module) -> int:
                     kept[name] = getattr(module, name)
 
         module.register_forward_pre_hook(restore)
+        module._codetune_fp32_tables = kept  # remember_rotary_tables updates it
         guarded += 1
     return guarded
+
+
+def remember_rotary_tables(model: torch.nn.Module) -> None:
+    """Record the current float32 rotary tables as the ones :func:`keep_rotary_tables_fp32` restores: for a model
+    built on the meta device, once its buffers hold real values (before a bf16 cast could round them)."""
+    import torch
+
+    for module in model.modules():
+        kept = getattr(module, "_codetune_fp32_tables", None)
+        for name in kept or ():
+            current = getattr(module, name)
+            if current.dtype == torch.float32 and not current.is_meta:
+                kept[name] = current
 
 
 def rebuild_rotary_embeddings(model: torch.nn.Module) -> int:

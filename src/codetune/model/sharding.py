@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from codetune.model.rope import remember_rotary_tables
+
 log = logging.getLogger(__name__)
 
 # Trainer precision -> FSDP2 mixed precision. bf16-mixed keeps the float32 master weights sharded and gathers
@@ -159,6 +161,7 @@ def shard_from_rank0(model: nn.Module, mesh: Any, **options: Any) -> nn.Module:
     del full
     for _, buffer in sorted(model.named_buffers(), key=lambda item: item[0]):
         dist.broadcast(buffer.data, src=dist.get_global_rank(group, 0), group=group)
+    remember_rotary_tables(model)  # the received float32 tables, kept through a later bf16 cast
     return model
 
 

@@ -13,7 +13,21 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from codetune.checkpoints.format import MODEL_HPARAM, add_tokenizer, check_checkpoint_fits, hyperparameters
+from codetune.checkpoints.format import (
+    MODEL_HPARAM,
+    add_tokenizer,
+    check_checkpoint_fits,
+    hyperparameters,
+    quantized_keys,
+)
+from codetune.checkpoints.integrity import (
+    NonFiniteError,
+    add_checksums,
+    already_verified,
+    mark_verified,
+    non_finite,
+    verify_checksums,
+)
 from codetune.checkpoints.locate import is_training_checkpoint
 from codetune.checkpoints.trained import build_training_model
 from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
@@ -203,14 +217,30 @@ class CausalLM(L.LightningModule):
             add_tokenizer(checkpoint, self.tokenizer)
         # Under FSDP2 the 4-bit weights lose their quantization state from the state dict (see
         # quantization_state); without it the checkpoint would not be recognised as QLoRA by export and eval.
+        state = checkpoint.get("state_dict", {})
         if "state_dict" in checkpoint:
             for key, value in quantization_state(self).items():
-                checkpoint["state_dict"].setdefault(key, value)
+                state.setdefault(key, value)
+        # Never write NaN weights (the run's guard stops training first; this also covers a save from elsewhere):
+        # a checkpoint that exists must be one worth resuming from. Packed 4-bit weights are bytes, not floats,
+        # whatever dtype stores them.
+        packed = quantized_keys(state)
+        broken = non_finite({k: v for k, v in state.items() if k not in packed})
+        if broken:
+            raise NonFiniteError(
+                f"step {checkpoint.get('global_step')}: not saving a checkpoint, {len(broken)} weights hold NaN or "
+                f"infinite values ({', '.join(broken[:2])}); the checkpoints already written are untouched"
+            )
+        add_checksums(checkpoint)  # last: it covers every tensor the checkpoint holds
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        where = trainer.ckpt_path if trainer is not None else "checkpoint"
+        if not already_verified(where):  # the CLI verifies --ckpt_path before the data is built
+            verify_checksums(checkpoint, where)
+            mark_verified(where)
         # A checkpoint of another recipe fails here in one line rather than a page of "size mismatch" lines.
         # (Under FSDP2 the strategy has loaded the shards already, after the same check.)
-        trainer = self._trainer
         if trainer is None or self.model is None or "state_dict" not in checkpoint:
             return
         if not isinstance(trainer.strategy, ModelParallelStrategy):
