@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("storage", "errors", "seeding", "lightning_private", "llama_cpp"),
     ("data", "model"),
     ("checkpoints", "eval"),
-    ("modules", "callbacks", "optim", "resume", "strategies", "exports", "selfinstruct"),
+    ("modules", "callbacks", "optim", "resume", "strategies", "exports", "selfinstruct", "planner"),
     ("commands",),
     ("cli", "api"),
 ]

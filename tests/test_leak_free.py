@@ -77,13 +77,15 @@ def test_packed_loss_is_the_token_weighted_mean_of_document_losses(packed, modul
     _, rows = packed
     with torch.no_grad():
         for row in rows:
-            losses, mask, _ = module.token_losses(as_batch(row))
+            out = module.token_losses(as_batch(row))
+            losses, mask = out.losses, out.mask
             packed_loss = losses.sum() / mask.sum()
             total, count = 0.0, 0
             for span in row["documents"]:
                 alone = as_batch(row, span["start"], span["end"])
                 assert alone["labels"][0, 0] == IGNORE_INDEX  # no span is trained on another's first token
-                span_losses, span_mask, _ = module.token_losses(alone)
+                alone_out = module.token_losses(alone)
+                span_losses, span_mask = alone_out.losses, alone_out.mask
                 n = int(span_mask.sum())
                 if n:
                     total += float(span_losses.sum() / n) * n
@@ -93,16 +95,16 @@ def test_packed_loss_is_the_token_weighted_mean_of_document_losses(packed, modul
 
 
 def test_training_step_loss_matches_the_oracle_too(packed, module):
-    """The number Lightning optimises is the same token-weighted mean (the step, not only token_losses)."""
+    """The number Lightning backpropagates is the token sum of the documents' losses, over a constant unit (the
+    row slots of a batch); on_before_optimizer_step divides the gradients by the step's labelled tokens."""
     _, rows = packed
     batch = {k: torch.cat([as_batch(r)[k] for r in rows[:2]]) for k in as_batch(rows[0])}
     module.log = lambda *args, **kwargs: None  # no trainer attached
+    module._loss_unit = None
     with torch.no_grad():
         loss = module.training_step(batch, 0)
-        weighted, count = 0.0, 0
+        weighted = 0.0
         for row in rows[:2]:
             for span in row["documents"]:
-                span_losses, span_mask, _ = module.token_losses(as_batch(row, span["start"], span["end"]))
-                weighted += float(span_losses.sum())
-                count += int(span_mask.sum())
-    assert float(loss) == pytest.approx(weighted / count, rel=1e-5)
+                weighted += float(module.token_losses(as_batch(row, span["start"], span["end"])).losses.sum())
+    assert float(loss) * batch["labels"][:, 1:].numel() == pytest.approx(weighted, rel=1e-5)

@@ -145,9 +145,9 @@ def test_fim_stage_needs_token_kind(tokenizer, tiny_llama):
     stage.configure_model()
     batch = stack([row([PLAIN] * 16, len(tokenizer), 0)])
     del batch["token_kind"]
-    losses, mask, logits = stage.token_losses(batch)
+    out = stage.token_losses(batch)
     with pytest.raises(ValueError, match="token_kind"):
-        stage.extra_metrics(batch, losses, mask, logits)
+        stage.extra_metrics(batch, out)
 
 
 # ---- long context ---------------------------------------------------------------------------------------------
@@ -281,9 +281,9 @@ def test_instruct_stage_needs_source_index(tokenizer, tiny_llama):
     stage.configure_model()
     batch = stack([row([PLAIN] * 16, len(tokenizer), 0)])
     del batch["source_index"]
-    losses, mask, logits = stage.token_losses(batch)
+    out = stage.token_losses(batch)
     with pytest.raises(ValueError, match="source_index"):
-        stage.extra_metrics(batch, losses, mask, logits)
+        stage.extra_metrics(batch, out)
 
 
 # ---- the tiny long-context recipe, end to end -----------------------------------------------------------------

@@ -1,14 +1,15 @@
 """codetune: fine-tune code language models (FIM, long context, instruction tuning) with Lightning.
 
-Notebook API: ``codetune.fit``, ``codetune.preview``, ``codetune.export``, ``codetune.evaluate`` and
-``codetune.infill``, ``codetune.compare`` (see :mod:`codetune.api`), imported on first use so ``import codetune`` stays cheap.
+Notebook API: ``codetune.fit``, ``codetune.preview``, ``codetune.plan``, ``codetune.export``,
+``codetune.evaluate``, ``codetune.infill`` and ``codetune.compare`` (see :mod:`codetune.api`), imported on first
+use so ``import codetune`` stays cheap.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("fit", "FitResult", "preview", "export", "evaluate", "infill", "compare")
+_API = ("fit", "FitResult", "preview", "plan", "export", "evaluate", "infill", "compare")
 __all__ = [*_API, "__version__"]
 
 

@@ -18,10 +18,12 @@ from codetune.checkpoints import load_trained
 from codetune.commands.evaluate import TASKS, eval_report
 from codetune.commands.export import export as export_checkpoint
 from codetune.commands.fit import CodetuneCLI
+from codetune.commands.plan import plan as plan_recipe
 from codetune.commands.preview import preview as preview_recipe
 from codetune.commands.summary import checkpoint_path
 from codetune.eval.infilling import RepoContext, infill_one
 from codetune.modules.causal import CausalLM
+from codetune.planner import Plan
 
 
 @dataclass
@@ -84,6 +86,21 @@ def preview(
         out=None if out is None else str(out),
         split=split,
         overrides=list(overrides or []),
+    )
+
+
+def plan(
+    recipe: str | Path,
+    overrides: list[str] | None = None,
+    devices: int | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> Plan:
+    """The memory a recipe's training step needs per device, as ``codetune plan --config RECIPE`` prints it; loads
+    no weights and builds no data. ``plan.peak`` is the planned peak in bytes, ``plan.verdicts()`` says which common
+    GPUs it fits, ``plan.as_dict()`` has every part."""
+    recipe = _existing_recipe(recipe)
+    return plan_recipe(
+        str(recipe), devices=devices, model_config=model_config, overrides=list(overrides or [])
     )
 
 

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if command == "preview":
                 rest = preview_args(rest)
+            elif command == "plan":  # jsonargparse keeps `--config` for itself; here it names the recipe
+                rest = [
+                    "--recipe" + a[len("--config") :] if a.split("=")[0] == "--config" else a for a in rest
+                ]
             fn = resolve(command)
             target = fn.get(rest[0]) if isinstance(fn, dict) and rest else fn
             if callable(target):

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "codetune.commands.preview:preview_command",
         "Write the rows a recipe trains on (JSONL) and summarise them; builds no model.",
     ),
+    "plan": (
+        "codetune.commands.plan:plan",
+        "Plan a recipe's memory per device: weights, gradients, optimizer states, activations, loss; fits which GPUs.",
+    ),
     "export": (
         "codetune.commands.export:export",
         "Export a checkpoint as a Hugging Face model folder with a model card; optionally push it to the Hub.",

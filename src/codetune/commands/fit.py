@@ -42,6 +42,7 @@ from codetune.model.build import absolute_base
 from codetune.model.sharding import check_shardable_quantization
 from codetune.modules.causal import CausalLM
 from codetune.optim import check_training_precision
+from codetune.planner import NoModelConfig, check_fits
 from codetune.resume import (
     AtomicCheckpoint,
     GracefulStop,
@@ -130,6 +131,8 @@ class CodetuneCLI(LightningCLI):
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
         check_devices(trainer)
+        if self.subcommand == "fit" and config.get("memory_check", True):
+            check_memory(config.as_dict())
         check_recipe_for_strategy(config, self.subcommand)
         if config.get("ckpt_path") is not None:
             config["ckpt_path"] = check_ckpt_path(
@@ -208,6 +211,12 @@ class CodetuneCLI(LightningCLI):
         return None
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--memory_check",
+            type=bool,
+            default=True,
+            help="Before building data, refuse a run whose planned peak (codetune plan) exceeds the GPU.",
+        )
         # One tokenizer for both sides: the model sizes its embeddings from the data module's tokenizer.
         parser.link_arguments(
             "data", "model.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate"
@@ -322,6 +331,27 @@ def check_devices(trainer: Any) -> None:
             name.rsplit(".", 1)[-1],
         )
         trainer.strategy = "auto"
+
+
+def gpu_memory() -> tuple[int | None, int]:
+    """(bytes of the first visible GPU, how many are visible); (None, 0) without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, 0
+    return torch.cuda.get_device_properties(0).total_memory, torch.cuda.device_count()
+
+
+def check_memory(config: dict[str, Any]) -> None:
+    """On a GPU machine, stop before any data is built when the recipe's planned peak exceeds the GPU."""
+    accelerator = str((config.get("trainer") or {}).get("accelerator") or "auto")
+    if accelerator == "cpu":
+        return
+    device_bytes, visible = gpu_memory()
+    try:
+        check_fits(config, device_bytes, visible)
+    except NoModelConfig as error:  # the planner found no config: say so, never block the run
+        logging.getLogger(__name__).warning("memory check skipped: %s", error)
 
 
 def check_recipe_for_strategy(config: Any, subcommand: str | None) -> None:

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -30,11 +29,17 @@ from codetune.checkpoints.integrity import (
 )
 from codetune.checkpoints.locate import is_training_checkpoint
 from codetune.checkpoints.trained import build_training_model
-from codetune.data.batch import IGNORE_INDEX, MODEL_INPUTS
+from codetune.data.batch import MODEL_INPUTS
 from codetune.lightning_private import evaluate_under_no_grad
 from codetune.model.adapters import quantization_state
 from codetune.model.build import ModelSpec, absolute_base
 from codetune.model.sharding import check_shardable_quantization, shard_from_rank0, shard_model
+from codetune.modules.loss import (
+    DEFAULT_CHUNK_TOKENS,
+    TokenLosses,
+    chunked_token_losses,
+    full_logits_token_losses,
+)
 from codetune.optim import check_training_precision
 from codetune.seeding import run_seed
 from codetune.strategies import check_fsdp_only, check_fsdp_optimizer, sharding_options
@@ -47,7 +52,16 @@ class CausalLM(L.LightningModule):
 
     Every forward passes ``use_cache=False``: with a KV cache transformers ignores the per-document
     ``position_ids`` and packed documents attend to each other.
+
+    The loss of an optimizer step is the mean over every labelled token of the step: all its accumulated
+    micro-batches on all ranks (not a mean of per-batch means, which weighs a row of 20 labels like one of 3,000).
+    Each micro-batch backpropagates its loss sum; after the step's last backward :meth:`normalise_gradients`
+    divides the gradients by the step's labelled tokens (summed over ranks), before callbacks, clipping and the
+    optimizer see them.
     """
+
+    wants_correct = False
+    """Stages that report greedy accuracy set this: the loss then also says where argmax equals the label."""
 
     def __init__(
         self,
@@ -55,6 +69,7 @@ class CausalLM(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         tokenizer: Any = None,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         """
         Args:
@@ -62,8 +77,16 @@ class CausalLM(L.LightningModule):
             optimizer: Optimizer class and arguments (``class_path`` / ``init_args``).
             scheduler: Learning-rate schedule, stepped every optimizer step (e.g. ``codetune.optim.WarmupCosine``).
             tokenizer: Linked from the data module's tokenizer by the CLI; not set in recipes.
+            loss_chunk_tokens: The output layer and cross-entropy run over the labelled positions this many at a
+                time, so the full logits never exist (loss memory about ``8 x chunk x vocab`` bytes); ``0``
+                computes the whole ``batch x seq_len x vocab`` logits in fp32 as a plain causal LM does.
         """
         super().__init__()
+        if loss_chunk_tokens < 0:
+            raise ValueError(
+                f"model.init_args.loss_chunk_tokens must be >= 0 (0: full logits), got {loss_chunk_tokens}"
+            )
+        self.loss_chunk_tokens = loss_chunk_tokens
         spec = ModelSpec(**model) if isinstance(model, dict) else model
         # The seed that initialised this run is recorded, so a rebuild (export, eval) initialises identically; so is
         # the base as an absolute path, so the run's checkpoint works from any directory (issue 14 #2).
@@ -76,6 +99,11 @@ class CausalLM(L.LightningModule):
         self.tokenizer = tokenizer
         self.save_hyperparameters(hyperparameters(self.spec))
         self.model = None
+        self._step_tokens: torch.Tensor | None = (
+            None  # labelled tokens of this optimizer step so far (device)
+        )
+        self._loss_unit: int | None = None  # constant divisor of the micro-batch sums (their gradient scale)
+        self._closes_step = False  # this micro-batch's backward is the optimizer step's last
 
     # ---- model -----------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -133,39 +161,42 @@ class CausalLM(L.LightningModule):
         ).logits
 
     # ---- loss ------------------------------------------------------------------------------------
-    def token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token loss and its mask, aligned with ``labels[:, 1:]`` (logits at t-1 predict label t)."""
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> TokenLosses:
+        """Per-token loss, its mask and their differentiable sum, aligned with ``labels[:, 1:]`` (the output at
+        t-1 predicts label t); chunked over labelled positions unless ``loss_chunk_tokens`` is 0."""
+        if self.loss_chunk_tokens:
+            return chunked_token_losses(self.model, batch, self.loss_chunk_tokens, self.wants_correct)
         logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-        return losses, targets != IGNORE_INDEX, logits
+        return full_logits_token_losses(logits, batch["labels"], self.wants_correct)
 
     def step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        losses, mask, logits = self.token_losses(batch)
-        n = mask.sum()
-        loss = losses.sum() / n.clamp(min=1)
+        out = self.token_losses(batch)
+        n = out.mask.sum()
+        mean = out.total / n.clamp(min=1)
         bs = batch["input_ids"].shape[0]
         on_step = split == "train"
+        # Epoch values (validation) are token-weighted: the mean over every labelled token, not over batches.
         self.log(
             f"{split}/loss",
-            loss,
+            mean.detach(),
             prog_bar=True,
             on_step=on_step,
             on_epoch=not on_step,
-            batch_size=bs,
+            batch_size=bs if on_step else max(int(n), 1),
             sync_dist=not on_step,
         )
-        for name, value in self.extra_metrics(batch, losses, mask, logits).items():
+        for name, value in self.extra_metrics(batch, out).items():
             value, weight = value if isinstance(value, tuple) else (value, bs)
-            weight = int(weight)
-            if on_step and weight == 0:
+            if on_step:
                 # Nothing of this kind in the batch. NaN, not a skip: Lightning would repeat the last step's value.
-                value, weight = float("nan"), 1
+                # Decided on the device: a host sync per metric per micro-batch would stall the GPU queue.
+                if torch.is_tensor(weight):
+                    value = torch.where(weight > 0, torch.as_tensor(value, dtype=torch.float32), float("nan"))
+                elif weight == 0:
+                    value = float("nan")
+                weight = bs  # a step value is not averaged: the weight is unused
+            else:
+                weight = int(weight)
             self.log(
                 f"{split}/{name}",
                 value,
@@ -174,12 +205,53 @@ class CausalLM(L.LightningModule):
                 batch_size=weight,
                 sync_dist=not on_step,
             )
-        return loss
+        if not on_step:
+            return mean
+        # Training: backpropagate the sum over a constant unit; on_before_optimizer_step makes it the step's mean.
+        if self._loss_unit is None:
+            self._loss_unit = max(out.mask.numel(), 1)
+        self._step_tokens = n if self._step_tokens is None else self._step_tokens + n
+        return out.total / self._loss_unit
+
+    def on_train_start(self) -> None:
+        self._step_tokens, self._loss_unit = None, None
+
+    def on_after_backward(self) -> None:
+        # The last micro-batch of an optimizer step: normalise now, so every on_before_optimizer_step callback
+        # (StepStats' grad_norm) and clipping already see the step's gradient.
+        if self._closes_step:
+            self.normalise_gradients()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.normalise_gradients()  # a window on_after_backward did not recognise as closing (iterable data)
+
+    def normalise_gradients(self) -> None:
+        """Divide the accumulated gradients by the step's labelled tokens (all micro-batches, all ranks).
+
+        Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP/FSDP2 average gradients
+        over ranks, so the factor is ``accumulate x world x unit / tokens``. One all-reduce of a scalar per
+        optimizer step; no host sync (the factor stays on the device). Does nothing twice for one step.
+        """
+        tokens, self._step_tokens = self._step_tokens, None
+        if tokens is None or self._trainer is None:
+            return
+        trainer = self.trainer
+        tokens = tokens.float()
+        if trainer.world_size > 1:
+            tokens = trainer.strategy.reduce(tokens, reduce_op="sum")
+        factor = trainer.accumulate_grad_batches * trainer.world_size * self._loss_unit / tokens.clamp(min=1)
+        with torch.no_grad():
+            for param in self.parameters():
+                grad = param.grad
+                if grad is None:
+                    continue
+                local = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: this rank's shard
+                local.mul_(factor.to(local.device))
 
     def extra_metrics(
-        self, batch: dict[str, torch.Tensor], losses: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor
+        self, batch: dict[str, torch.Tensor], out: TokenLosses
     ) -> dict[str, torch.Tensor | tuple[torch.Tensor, int | torch.Tensor]]:
-        """Stage-specific metrics from the per-token losses; the base module adds none.
+        """Stage-specific metrics from the per-token losses (``out``); the base module adds none.
 
         A value may come as ``(value, weight)``: epoch averages then weight it by ``weight`` (e.g. the number of
         tokens it was measured on) instead of the batch size. A weight of 0 means "not measured here": it adds
@@ -188,6 +260,13 @@ class CausalLM(L.LightningModule):
         return {}
 
     def training_step(self, batch, batch_idx):
+        trainer = self._trainer
+        if trainer is not None:
+            # Lightning steps the optimizer after every accumulate_grad_batches-th batch and after the epoch's last.
+            done = batch_idx + 1
+            self._closes_step = (
+                done % trainer.accumulate_grad_batches == 0 or done == trainer.num_training_batches
+            )
         return self.step(batch, "train")
 
     def validation_step(self, batch, batch_idx):

@@ -17,6 +17,7 @@ from codetune.data.batch import TokenKind
 from codetune.data.tokenizer import FIMSentinels, fim_sentinels
 from codetune.model.build import ModelSpec
 from codetune.modules.causal import CausalLM, masked_mean
+from codetune.modules.loss import DEFAULT_CHUNK_TOKENS
 
 
 class FIMStage(CausalLM):
@@ -28,12 +29,15 @@ class FIMStage(CausalLM):
     accuracy on the middle and its end sentinel), each weighted by its token count.
     """
 
+    wants_correct = True  # middle_acc: the chunked loss reports where argmax equals the label
+
     def __init__(
         self,
         model: ModelSpec,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         tokenizer: Any = None,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         """
         Args:
@@ -41,8 +45,15 @@ class FIMStage(CausalLM):
             optimizer: Optimizer class and arguments (``class_path`` / ``init_args``).
             scheduler: Learning-rate schedule, stepped every optimizer step.
             tokenizer: Linked from the data module's tokenizer by the CLI; not set in recipes.
+            loss_chunk_tokens: Labelled positions per chunk of the output layer and loss (0: full logits).
         """
-        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer)
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
         self.sentinels: FIMSentinels | None = None
         if tokenizer is not None:
             self._check_sentinels()
@@ -73,20 +84,19 @@ class FIMStage(CausalLM):
         self._check_sentinels()
         return super().build_model()
 
-    def extra_metrics(self, batch, losses, mask, logits):
+    def extra_metrics(self, batch, out):
         if "token_kind" not in batch:
             raise ValueError(
                 "the FIM stage needs `token_kind` in every batch (0 pad, 1 plain, 2 FIM context, 3 FIM middle); "
                 "use codetune's data module"
             )
         kind = batch["token_kind"][:, 1:]  # aligned with losses: kind of target token t
-        targets = batch["labels"][:, 1:]
+        losses, mask = out.losses, out.mask
         selections = {
             "loss_fim": mask & ((kind == TokenKind.FIM_CONTEXT) | (kind == TokenKind.FIM_MIDDLE)),
             "loss_plain": mask & (kind == TokenKind.PLAIN),
             "loss_middle": mask & (kind == TokenKind.FIM_MIDDLE),
         }
         metrics = {name: masked_mean(losses, selected) for name, selected in selections.items()}
-        correct = (logits[:, :-1].argmax(-1) == targets).float()
-        metrics["middle_acc"] = masked_mean(correct, selections["loss_middle"])
+        metrics["middle_acc"] = masked_mean(out.correct.float(), selections["loss_middle"])
         return metrics

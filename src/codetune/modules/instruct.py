@@ -27,15 +27,17 @@ class InstructStage(CausalLM):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         return list(getattr(datamodule, "source_names", None) or [])
 
-    def extra_metrics(self, batch, losses, mask, logits):
+    def extra_metrics(self, batch, out):
         if "source_index" not in batch:
             raise ValueError(
                 "the instruct stage needs `source_index` in every batch (index into the data module's "
                 "source_names, -1 for pad); use codetune's data module"
             )
         source = batch["source_index"][:, 1:]  # aligned with losses: source of target token t
+        losses, mask = out.losses, out.mask
         names = self.source_names()
-        present = int(source.max()) + 1 if source.numel() else 0
+        # With the data module's names the count is known; reading the batch's largest index is a host sync.
+        present = 0 if names else int(source.max()) + 1 if source.numel() else 0
         metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # Every known source is reported on every batch (weight 0 when absent), so ranks log the same keys.
         for index in range(max(len(names), present)):

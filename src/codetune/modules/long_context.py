@@ -22,6 +22,7 @@ from codetune.data.batch import real_tokens
 from codetune.eval.perplexity import perplexity_by_length
 from codetune.model.build import ModelSpec
 from codetune.modules.causal import CausalLM
+from codetune.modules.loss import DEFAULT_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class LongContextStage(CausalLM):
         perplexity_multiples: list[float] | None = None,
         perplexity_max_tokens: int | None = None,
         perplexity_data: str | None = None,
+        loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         """
         Args:
@@ -55,8 +57,15 @@ class LongContextStage(CausalLM):
             perplexity_data: A text file, or a folder whose ``*.py`` files are read in sorted order, to measure
                 perplexity on (concatenated, end-of-text between files). Default: the validation batches'
                 non-pad tokens, concatenated in order.
+            loss_chunk_tokens: Labelled positions per chunk of the output layer and loss (0: full logits).
         """
-        super().__init__(model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer)
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            loss_chunk_tokens=loss_chunk_tokens,
+        )
         if self.spec.rope is None:
             raise ValueError(
                 "the long-context stage needs model.rope, e.g. {type: theta, theta: 1000000} (Code Llama) or "
