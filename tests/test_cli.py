@@ -109,6 +109,16 @@ def test_a_source_list_on_top_of_a_recipe_replaces_the_recipes_list(tmp_path):
     ]
 
 
+def test_tensorboard_logs_beside_csv_in_the_same_run_folder(tmp_path):
+    """With the package installed, TensorBoard logs by default, into the CSV logger's version folder."""
+    from codetune.commands.fit import default_loggers
+
+    assert [type(x).__name__ for x in default_loggers(str(tmp_path), tensorboard=False)] == ["CSVLogger"]
+    pytest.importorskip("tensorboard")
+    csv, board = default_loggers(str(tmp_path), tensorboard=True)
+    assert Path(board.log_dir) == Path(csv.log_dir) / "tensorboard"
+
+
 def test_dotted_overrides_reach_trainer_and_model(tmp_path):
     cli = _cli(
         "--config",

@@ -315,3 +315,67 @@ def test_resuming_with_a_changed_learning_rate_is_refused_rather_than_silently_i
     )
     assert "the recipe changed what the run trained with (optimizer lr 0.003 -> 0.001)" in message
     assert "--model.init_args.model.name_or_path=" in message
+
+
+# ---- bad input: one line before anything is built, and the catalogue in docs/troubleshooting.md ----------------
+TROUBLESHOOTING = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+_SHAPE = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+BAD_VALUES = {
+    "vocab_size 0": {"data": {"init_args": {"tokenizer": {"train": {"vocab_size": 0}}}}},
+    "hidden_size 0": {"model": {"init_args": {"model": {"config": {**_SHAPE, "hidden_size": 0}}}}},
+    "hidden_size 200000": {
+        "model": {
+            "init_args": {"model": {"config": {**_SHAPE, "hidden_size": 200000, "num_attention_heads": 4}}}
+        }
+    },
+    "max_steps -5": {"trainer": {"max_steps": -5}},
+    "seq_len 1e9": {"data": {"init_args": {"seq_len": 1_000_000_000}}},
+    "lr -1": {"model": {"init_args": {"optimizer": {"init_args": {"lr": -1.0}}}}},
+    "warmup_steps -3": {"model": {"init_args": {"scheduler": {"init_args": {"warmup_steps": -3}}}}},
+    "batch_size 100000": {"data": {"init_args": {"batch_size": 100000}}},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_each_bad_recipe_value_is_one_line_and_the_troubleshooting_table_shows_it(case):
+    from codetune.commands.recipe_errors import check_recipe_values
+
+    with pytest.raises(ValueError) as err:
+        check_recipe_values(BAD_VALUES[case], memory_bytes=128 * 2**30)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"| `{case}` | {message} |" in TROUBLESHOOTING, message  # the catalogue quotes the real message
+
+
+def test_an_output_dir_that_is_a_file_and_seq_len_above_the_positions_are_named(tmp_path):
+    from codetune.commands.recipe_errors import check_recipe_values
+
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(ValueError, match="runs is a file, not a folder") as err:
+        check_recipe_values({"trainer": {"default_root_dir": str(tmp_path / "runs")}})
+    assert str(err.value).replace(str(tmp_path) + "/", "") in TROUBLESHOOTING
+    config = {"data": {"init_args": {"seq_len": 512}}}
+    config["model"] = {"init_args": {"model": {"config": {**_SHAPE, "max_position_embeddings": 256}}}}
+    (warning,) = check_recipe_values(config)
+    assert "data.seq_len 512 is above the model's max_position_embeddings 256" in warning
+    assert check_recipe_values({"data": {"init_args": {"seq_len": 256}}, "model": config["model"]}) == []
+
+
+def test_code_files_read_only_regular_files_and_jsonl_skips_overlong_lines_by_count(tmp_path):
+    from codetune.data.sources import CodeFiles, JsonlFiles
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "good.py").write_text("x = 1\n")
+    (tmp_path / "code" / "zero.py").symlink_to("/dev/zero")  # read whole, it never ends
+    os.mkfifo(tmp_path / "code" / "pipe.py")  # read, it blocks forever
+    source = CodeFiles(path=str(tmp_path / "code"))
+    assert [d.doc_id for d in source.documents()] == ["good.py"]
+    assert source.skipped.counts == {"not_a_regular_file": 2}
+
+    lines = ['{"text": "a"}', '{"text": "' + "y" * 5000 + '"}', '{"text": "b"}']
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    jsonl = JsonlFiles(path=str(tmp_path / "data.jsonl"), max_line_chars=1000)
+    assert [d.text for d in jsonl.documents()] == ["a", "b"]  # the line after the long one is still read
+    assert jsonl.skipped.counts == {"line_too_long": 1}
+    for reason in ("not_a_regular_file", "line_too_long"):
+        assert f"`{reason}=" in TROUBLESHOOTING

@@ -34,7 +34,11 @@ from codetune.callbacks import ProgressBar, StepStats, StopOnNonFinite, Throughp
 from codetune.checkpoints import locate
 from codetune.checkpoints.format import checkpoint_shapes, verify_checkpoint
 from codetune.checkpoints.locate import intact
-from codetune.commands.recipe_errors import check_moved_class_paths, condensed_parse_errors
+from codetune.commands.recipe_errors import (
+    check_moved_class_paths,
+    check_recipe_values,
+    condensed_parse_errors,
+)
 from codetune.commands.summary import print_plan, print_summary, val_loss, val_losses
 from codetune.data.datamodule import CodeDataModule
 from codetune.model.adapters import Quantization
@@ -131,6 +135,8 @@ class CodetuneCLI(LightningCLI):
                 c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)
             ]
         check_devices(trainer)
+        for warning in check_recipe_values(config.as_dict(), training_memory(trainer)):
+            logging.getLogger(__name__).warning(warning)
         if self.subcommand == "fit" and config.get("memory_check", True):
             check_memory(config.as_dict())
         check_recipe_for_strategy(config, self.subcommand)
@@ -275,6 +281,23 @@ def default_loggers(save_dir: str, tensorboard: bool | None = None, version: int
         csv,
         TensorBoardLogger(save_dir=save_dir, name=csv.name, version=csv.version, sub_dir="tensorboard"),
     ]
+
+
+def training_memory(trainer: Any) -> int | None:
+    """Bytes a run can hold its model in: the GPUs' memory (all of them, as FSDP2 shards across them) or, on
+    the CPU, the machine's RAM; None where unknown."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator != "cpu" and torch.cuda.is_available():
+        devices = trainer.get("devices", "auto")
+        count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 0
+        count = count if count > 0 else torch.cuda.device_count()
+        return torch.cuda.get_device_properties(0).total_memory * count * int(trainer.get("num_nodes") or 1)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def tensorboard_installed() -> bool:

@@ -15,6 +15,7 @@ import inspect
 import re
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 MOVED_OPTIONS: dict[str, str] = {
@@ -180,3 +181,95 @@ def _unrecognized(arguments: str, known_options: Iterable[str], what: str = "unk
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         parts.append(f"{shown(name)} (did you mean {shown(close[0])}?)" if close else shown(name))
     return f"{what} " + ", ".join(parts) + "; `codetune fit --help` lists the options"
+
+
+MAX_SEQ_LEN = 1 << 20
+"""Longest row a recipe may ask for (a million tokens; the longest-context code models train at 100k)."""
+MAX_BATCH_SIZE = 4096
+"""Most rows per device per step; larger effective batches come from ``trainer.accumulate_grad_batches``."""
+
+
+def check_recipe_values(config: dict[str, Any], memory_bytes: int | None = None) -> list[str]:
+    """Refuse, in one line and before anything is built, recipe numbers that cannot train: a non-positive size,
+    step count or learning rate, a row or batch no machine holds, a model that does not fit ``memory_bytes``, an
+    output folder that is a file. Returns warnings for values that train but likely not as meant."""
+    warnings: list[str] = []
+    trainer = config.get("trainer") or {}
+    data = _init_args(config.get("data"))
+    model = _init_args(config.get("model"))
+    spec = model.get("model") or {}
+    root = trainer.get("default_root_dir")
+    if root and Path(str(root)).expanduser().exists() and not Path(str(root)).expanduser().is_dir():
+        raise ValueError(
+            f"trainer.default_root_dir: {root} is a file, not a folder; give a folder for the runs"
+        )
+    max_steps = trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps < -1:
+        raise ValueError(f"trainer.max_steps: {max_steps}; give a positive number of steps (or -1: no limit)")
+    seq_len, batch_size = data.get("seq_len"), data.get("batch_size")
+    if isinstance(seq_len, int) and not 2 <= seq_len <= MAX_SEQ_LEN:
+        raise ValueError(f"data.seq_len: {seq_len}; rows need 2 to {MAX_SEQ_LEN:,} tokens")
+    if isinstance(batch_size, int) and not 1 <= batch_size <= MAX_BATCH_SIZE:
+        raise ValueError(
+            f"data.batch_size: {batch_size} rows per device; give 1 to {MAX_BATCH_SIZE} and raise "
+            "trainer.accumulate_grad_batches for a larger effective batch"
+        )
+    train = _init_args((data.get("tokenizer") or {}).get("train"))
+    vocab = train.get("vocab_size")
+    if isinstance(vocab, int) and vocab <= 256:
+        raise ValueError(
+            f"data.tokenizer.train.vocab_size: {vocab}; a byte-level BPE needs more than its 256 byte tokens "
+            "(e.g. 4096)"
+        )
+    optimizer = _init_args(model.get("optimizer"))
+    lr = optimizer.get("lr")
+    if isinstance(lr, int | float) and not isinstance(lr, bool) and not lr > 0:
+        raise ValueError(f"model.optimizer.lr: {lr}; the learning rate must be positive (e.g. 3e-4)")
+    for key, value in _init_args(model.get("scheduler")).items():
+        if key.endswith("steps") and isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"model.scheduler.{key}: {value}; a number of steps cannot be negative")
+    shape = spec.get("config") if isinstance(spec, dict) else None
+    adapter = spec.get("adapter") if isinstance(spec, dict) else None
+    full = not isinstance(adapter, dict) or adapter.get("method", "full") == "full"
+    if isinstance(shape, dict):
+        warnings += _check_model_shape(shape, seq_len, memory_bytes if full else None)
+    return warnings
+
+
+def _check_model_shape(shape: dict[str, Any], seq_len: Any, memory_bytes: int | None) -> list[str]:
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = shape.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.config.{key}: {value}; it must be a positive whole number")
+    hidden, heads = shape.get("hidden_size"), shape.get("num_attention_heads")
+    if hidden and heads and hidden % heads:
+        raise ValueError(
+            f"model.config.hidden_size: {hidden} is not a multiple of num_attention_heads ({heads})"
+        )
+    layers, inner = shape.get("num_hidden_layers") or 1, shape.get("intermediate_size") or 4 * (hidden or 0)
+    vocab = shape.get("vocab_size") or 32000
+    if hidden and memory_bytes:
+        # attention (4 h^2) + MLP (3 h i) per layer, embeddings and head; 16 bytes per weight to train it with
+        # AdamW in fp32 (weight, gradient, two moments), activations not counted: a floor, not an estimate.
+        params = layers * (4 * hidden * hidden + 3 * hidden * inner) + 2 * vocab * hidden
+        if params * 16 > memory_bytes:
+            raise ValueError(
+                f"model.config: hidden_size {hidden} x {layers} layers is about {params / 1e9:.1f}B parameters, "
+                f"at least {params * 16 / 2**30:,.0f} GiB to train in fp32 with AdamW; this machine has "
+                f"{memory_bytes / 2**30:,.0f} GiB: make the model smaller"
+            )
+    positions = shape.get("max_position_embeddings")
+    if isinstance(seq_len, int) and isinstance(positions, int) and seq_len > positions:
+        return [
+            f"data.seq_len {seq_len} is above the model's max_position_embeddings {positions}: positions past "
+            f"{positions} were never trained (raise max_position_embeddings, or rescale RoPE with model.rope)"
+        ]
+    return []
+
+
+def _init_args(value: Any) -> dict[str, Any]:
+    """The settings of a recipe section, whether written with ``class_path``/``init_args`` or directly."""
+    if not isinstance(value, dict):
+        return {}
+    init = value.get("init_args")
+    return init if isinstance(init, dict) else value

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ LANGUAGES_BY_EXTENSION: dict[str, tuple[str, str]] = {
     ".sql": ("sql", "--"),
     ".hs": ("haskell", "--"),
 }
+MAX_LINE_CHARS = 1_000_000
+"""Longest JSON Lines record read (characters): a million characters is some 250k tokens, beyond any context."""
+
+
 KNOWN_LANGUAGES = sorted({lang for lang, _ in LANGUAGES_BY_EXTENSION.values()})
 
 
@@ -281,11 +286,19 @@ class CodeFiles:
         """The file's text, or None after counting why it is unusable."""
         full = self.root / rel
         try:
-            size = full.stat().st_size
-            if size > self.max_bytes:
+            info = full.stat()  # follows symlinks: what would be read
+            if not stat.S_ISREG(info.st_mode):
+                # A FIFO blocks forever, a link to /dev/zero never ends: only regular files are code.
+                self.skipped.add("not_a_regular_file", rel)
+                return None
+            if info.st_size > self.max_bytes:
                 self.skipped.add("too_large", rel)
                 return None
-            data = full.read_bytes()
+            with open(full, "rb") as handle:
+                data = handle.read(self.max_bytes + 1)  # a file grown since stat() still stops here
+            if len(data) > self.max_bytes:
+                self.skipped.add("too_large", rel)
+                return None
         except OSError as err:
             if self.on_error == "raise":
                 raise OSError(
@@ -426,11 +439,15 @@ class JsonlFiles:
     """Key holding a stable document id; None uses ``file:line``."""
     on_error: Literal["raise", "skip"] = "raise"
     """Bad record (or unreadable / non-UTF-8 file): raise with ``path:line``, or skip and count it."""
+    max_line_chars: int = MAX_LINE_CHARS
+    """Skip (and count as ``line_too_long``) records longer than this many characters, before parsing them."""
     skipped: SkipReport = field(default_factory=SkipReport, init=False, repr=False, compare=False)
     """Filled while ``documents()`` runs; reset at the start of each pass."""
 
     def __post_init__(self) -> None:
         _check_on_error(f"JsonlFiles {self.name!r}", self.on_error)
+        if self.max_line_chars < 1:
+            raise ValueError(f"JsonlFiles {self.name!r}: max_line_chars must be >= 1")
 
     def _bad(self, reason: str, where: str, message: str) -> None:
         bad_record(self, reason, where, message)
@@ -476,17 +493,37 @@ def bad_record(source: Any, reason: str, where: str, message: str) -> None:
     source.skipped.add(reason, where)
 
 
+def _capped_lines(handle: TextIO, limit: int) -> Iterator[str | None]:
+    """The lines of ``handle``; ``None`` for each line longer than ``limit`` characters, read past in chunks."""
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or (line.endswith("\n") and len(line) == limit + 1):
+            yield line
+            continue
+        while line and not line.endswith("\n"):
+            line = handle.readline(1 << 20)
+        yield None
+
+
 def jsonl_records(source: Any, owner: str) -> Iterator[tuple[Path, str, int, str, Any]]:
     """``(file, display, line number, "file:line", record)`` for every parseable non-blank line of the JSON Lines
     files ``source.path`` names. Malformed lines go through :func:`bad_record`; a file that cannot be read or
-    decoded is an error naming it, or (``on_error: skip``) its remaining lines are skipped and the file counted."""
+    decoded is an error naming it, or (``on_error: skip``) its remaining lines are skipped and the file counted.
+    A line longer than ``source.max_line_chars`` is skipped and counted (``line_too_long``) without being held in
+    memory whole."""
+    limit = getattr(source, "max_line_chars", None) or MAX_LINE_CHARS
     for file, display in _resolve_files(source.path, (".jsonl", ".jsonl.gz"), owner):
         try:
             with _open_text(file) as handle:
-                for lineno, line in enumerate(handle, start=1):
+                for lineno, line in enumerate(_capped_lines(handle, limit), start=1):
+                    where = f"{file}:{lineno}"
+                    if line is None:  # too long to be a document (the tokenizer aborts on such lines)
+                        source.skipped.add("line_too_long", where)
+                        continue
                     if not line.strip():
                         continue
-                    where = f"{file}:{lineno}"
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as err:
