@@ -151,6 +151,15 @@ def test_missing_config_file_is_a_one_line_error(capsys):
     assert "no/such/recipe.yaml" in str(exit_.value) and "no such file" in str(exit_.value)
 
 
+def test_malformed_yaml_names_the_file_and_line_before_anything_is_built(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("trainer:\n  max_steps: 5\n model: [\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(QUICKSTART), "--config", str(bad)])
+    message = str(exit_.value)
+    assert f"--config {bad}: line 3, column 2: not valid YAML" in message and "\n" not in message
+
+
 def test_unknown_key_in_recipe_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(QUICKSTART.read_text().replace("max_steps: 150", "max_stepz: 150"))

@@ -199,7 +199,8 @@ def _raised_by_codetune(err: BaseException) -> bool:
 
 
 def _check_config_paths(args: list[str]) -> None:
-    """Fail in one line, before anything is built, when a --config or --data file does not exist."""
+    """Fail in one line, before anything is built, when a --config or --data file does not exist or is not YAML
+    (jsonargparse would name neither the file nor the line)."""
     for i, arg in enumerate(args):
         for flag in ("--config", "--data"):
             value = None
@@ -207,8 +208,28 @@ def _check_config_paths(args: list[str]) -> None:
                 value = args[i + 1]
             elif arg.startswith(flag + "="):
                 value = arg.split("=", 1)[1]
-            if value and value.endswith((".yaml", ".yml")) and not Path(value).is_file():
-                raise SystemExit(f"codetune: {flag} {value}: no such file")
+            if value and value.endswith((".yaml", ".yml")):
+                if not Path(value).is_file():
+                    raise SystemExit(f"codetune: {flag} {value}: no such file")
+                _check_yaml(flag, value)
+
+
+def _check_yaml(flag: str, path: str) -> None:
+    import yaml  # PyYAML is jsonargparse's own YAML reader, so what parses here parses there
+
+    try:
+        yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SystemExit(
+            f"codetune: {flag} {path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise SystemExit(
+            f"codetune: {flag} {path}: {where}not valid YAML ({problem}); fix the file"
+        ) from None
 
 
 if __name__ == "__main__":
